@@ -1,0 +1,148 @@
+"""Training-step cost of ANA quantisers vs stock Brevitas STE quantisers, side by side.
+
+Model: FINN's CNV (Brevitas' bnn_pynq topology) on a CIFAR-10-sized batch (3x32x32 images).
+For each bit width (W1A1, W2A2, W4A4, W8A8; 8-bit input quantiser as in bnn_pynq) and each sigma,
+the stock model and its ANA twin (same weights, same batch) run a full training step (forward,
+cross-entropy, backward, Adam step), interleaved, and the script prints
+
+    time ratio   = median ANA step time / median stock step time
+    memory ratio = peak ANA step memory / peak stock step memory
+
+Peak memory is the high-water mark of the bytes the step allocates beyond what was live before it
+(CPU: replayed from torch.profiler's allocation events; CUDA: torch.cuda.max_memory_allocated).
+
+    python benchmarks/bench_quantiser.py                 # all bit widths, sigma 0.5 and 2.0
+    python benchmarks/bench_quantiser.py --bits 2 --sigmas 0.5 --noise normal --repeats 5
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from contextlib import contextmanager
+
+import torch
+from brevitas_examples.bnn_pynq.models import CNV as cnv_module
+from torch.profiler import ProfilerActivity, profile
+
+import brevitas_ana
+from brevitas_ana import ana_quant
+
+BITS = {1: (1, 1), 2: (2, 2), 4: (4, 4), 8: (8, 8)}
+
+
+@contextmanager
+def _cnv_quantisers(weight_quant, act_quant):
+    # CNV's constructor names its quantisers as module globals; swap them while it runs.
+    saved = cnv_module.CommonWeightQuant, cnv_module.CommonActQuant
+    cnv_module.CommonWeightQuant, cnv_module.CommonActQuant = weight_quant, act_quant
+    try:
+        yield
+    finally:
+        cnv_module.CommonWeightQuant, cnv_module.CommonActQuant = saved
+
+
+def build_cnv(wbits, abits, ana=False, **ana_options):
+    wq, aq = cnv_module.CommonWeightQuant, cnv_module.CommonActQuant
+    if ana:
+        wq, aq = ana_quant(wq, **ana_options), ana_quant(aq, **ana_options)
+    with _cnv_quantisers(wq, aq):
+        return cnv_module.CNV(num_classes=10, weight_bit_width=wbits, act_bit_width=abits,
+                              in_bit_width=8, in_ch=3)
+
+
+class Step:
+    def __init__(self, model, images, labels):
+        self.model, self.images, self.labels = model, images, labels
+        self.opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def __call__(self):
+        self.opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(self.model(self.images), self.labels)
+        loss.backward()
+        self.opt.step()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_bytes(step, device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    # Each event's *self* allocations net of frees (so nested ops count once), in time order.
+    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
+                    if e.self_cpu_memory_usage)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--bits", type=int, nargs="+", default=[1, 2, 4, 8], choices=sorted(BITS))
+    p.add_argument("--sigmas", type=float, nargs="+", default=[0.5, 2.0])
+    p.add_argument("--noise", default="uniform", choices=brevitas_ana.noise.noise_families())
+    p.add_argument("--strategy", default="expectation",
+                   choices=brevitas_ana.functional.STRATEGIES)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=7, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    images = torch.rand(args.batch_size, 3, 32, 32, device=device)
+    labels = torch.randint(0, 10, (args.batch_size,), device=device)
+
+    print(f"CNV training step, batch {args.batch_size}x3x32x32, device {device}, "
+          f"torch threads {torch.get_num_threads()}, noise {args.noise}, "
+          f"strategy {args.strategy}, {args.repeats} interleaved repeats (median)")
+    header = (f"{'config':>6} {'sigma':>6} {'stock ms':>9} {'ANA ms':>9} {'time ratio':>10} "
+              f"{'stock MiB':>9} {'ANA MiB':>9} {'mem ratio':>9}")
+    print(header)
+    print("-" * len(header))
+    for bits in args.bits:
+        wbits, abits = BITS[bits]
+        torch.manual_seed(0)
+        stock = build_cnv(wbits, abits).to(device).train()
+        ana = build_cnv(wbits, abits, ana=True, ana_noise=args.noise,
+                        ana_strategy=args.strategy).to(device).train()
+        stock(images)  # initialise runtime-stats scales before copying them over
+        ana.load_state_dict(stock.state_dict())
+        for sigma in args.sigmas:
+            brevitas_ana.set_noise(ana, sigma)
+            steps = {"stock": Step(stock, images, labels), "ana": Step(ana, images, labels)}
+            for _ in range(args.warmup):
+                for s in steps.values():
+                    s()
+            times = {k: [] for k in steps}
+            for _ in range(args.repeats):
+                for k, s in steps.items():
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    s()
+                    _sync(device)
+                    times[k].append(time.perf_counter() - t0)
+            t_stock, t_ana = (statistics.median(times[k]) for k in ("stock", "ana"))
+            m_stock, m_ana = (peak_bytes(steps[k], device) for k in ("stock", "ana"))
+            print(f"{f'W{wbits}A{abits}':>6} {sigma:>6g} {1e3 * t_stock:>9.1f} "
+                  f"{1e3 * t_ana:>9.1f} {t_ana / t_stock:>10.3f} {m_stock / 2**20:>9.1f} "
+                  f"{m_ana / 2**20:>9.1f} {m_ana / m_stock:>9.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""Brevitas adaptation: ANA twins of Brevitas' integer and binary quantisers.
+
+Brevitas builds a quantiser from an injector class; the module that rounds and clamps is its
+``tensor_quant`` (or the ``int_quant`` / ``decoupled_int_quant`` inside a rescaling wrapper). The ANA
+twin of an injector only swaps that module for a subclass whose rounding is :func:`ana_round`
+while training with noise; proxies, scales, zero points, bit widths, state-dict keys and export
+handlers are Brevitas' own, so eval mode and export are bit-identical to the stock quantiser.
+
+Where sigma is used: :meth:`AnaQuantMixin.noise_args` is read by ``to_int`` (integer quantisers)
+and ``forward`` (binary ones); :func:`set_noise` and the controller write it.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Iterator, Tuple
+
+import brevitas.config
+import torch
+from brevitas.core.function_wrapper import RoundSte, TensorClamp
+from brevitas.core.quant import BinaryQuant, ClampedBinaryQuant, IntQuant
+from brevitas.core.quant.int import (DecoupledRescalingIntQuant,
+                                     DecoupledRescalingIntQuantWithInput, RescalingIntQuant)
+from brevitas.core.quant.int_base import DecoupledIntQuant
+from brevitas.function.ops import tensor_clamp
+from brevitas.inject import ExtendedInjector, value
+from brevitas.quant import (Int8ActPerTensorFloat, Int8WeightPerChannelFloat,
+                            Int8WeightPerTensorFloat, SignedBinaryActPerTensorConst,
+                            SignedBinaryWeightPerTensorConst, SignedTernaryActPerTensorConst,
+                            SignedTernaryWeightPerTensorConst, Uint8ActPerTensorFloat)
+from torch import Tensor, nn
+
+from brevitas_ana.functional import ana_round, check_noise_args
+from brevitas_ana.noise import get_noise
+
+__all__ = [
+    "AnaQuantMixin", "AnaIntQuant", "AnaDecoupledIntQuant", "AnaBinaryQuant",
+    "AnaClampedBinaryQuant", "ana_quant", "set_noise", "ana_quantizers",
+    "AnaInt8WeightPerTensorFloat", "AnaInt8WeightPerChannelFloat", "AnaInt8ActPerTensorFloat",
+    "AnaUint8ActPerTensorFloat", "AnaSignedBinaryWeightPerTensorConst",
+    "AnaSignedBinaryActPerTensorConst", "AnaSignedTernaryWeightPerTensorConst",
+    "AnaSignedTernaryActPerTensorConst"]
+
+JIT_ERROR = (
+    "brevitas-ana does not work with BREVITAS_JIT=1: TorchScript compiles Brevitas' quantisers and "
+    "silently ignores the Python methods through which ANA adds its noise. Unset BREVITAS_JIT "
+    "(or set BREVITAS_JIT=0) before importing brevitas.")
+
+
+def check_jit_disabled():
+    if brevitas.config.JIT_ENABLED:
+        raise RuntimeError(JIT_ERROR)
+
+
+check_jit_disabled()
+
+
+class AnaQuantMixin:
+    """Noise state of one ANA quantiser: plain Python attributes, never in the state_dict.
+
+    ``sigma`` is the noise's standard deviation and ``mu`` its mean, both in quantisation steps;
+    ``noise`` the family, ``strategy`` the forward strategy, ``annealed_grad`` the gradient at
+    ``sigma == 0`` (see :func:`brevitas_ana.functional.ana_round`). Every rank of a distributed
+    run computes the same values from the same schedule, so nothing needs broadcasting.
+    """
+
+    def _init_ana(self, noise, strategy, annealed_grad, sigma, mu):
+        check_jit_disabled()
+        self.noise = get_noise(noise).name
+        self.strategy = strategy
+        self.annealed_grad = annealed_grad
+        self.set_noise(sigma, mu)
+
+    def set_noise(self, sigma, mu=0.0):
+        """Set the noise to standard deviation ``sigma`` and mean ``mu`` (steps)."""
+        self.sigma, self.mu = check_noise_args(sigma, mu, self.strategy, self.annealed_grad)
+
+    @property
+    def stock_path(self) -> bool:
+        """True when the output must be the stock quantiser's: eval mode, or noise annealed away
+        with Brevitas' STE as the gradient."""
+        return not self.training or (self.sigma == 0.0 and self.annealed_grad == "ste")
+
+    def noise_args(self):
+        return dict(noise=self.noise, sigma=self.sigma, mu=self.mu, strategy=self.strategy,
+                    annealed_grad=self.annealed_grad)
+
+    def extra_repr(self):
+        return (f"noise={self.noise}, sigma={self.sigma:g}, mu={self.mu:g}, "
+                f"strategy={self.strategy}, annealed_grad={self.annealed_grad}")
+
+
+def _check_round(float_to_int_impl):
+    # ANA smooths the round-to-nearest stair; floor/ceil/learned rounding have other thresholds.
+    if type(float_to_int_impl) is not RoundSte:
+        raise ValueError(
+            f"float_to_int_impl: ANA quantisers need round-to-nearest (RoundSte), got "
+            f"{type(float_to_int_impl).__name__}")
+
+
+class _AnaIntMixin(AnaQuantMixin):
+
+    def to_int(self, scale: Tensor, zero_point: Tensor, bit_width: Tensor, x: Tensor) -> Tensor:
+        """``y = x / scale + zero_point``, then ``ana_round(y, min_int, max_int, ...)``."""
+        if self.stock_path:
+            return super().to_int(scale, zero_point, bit_width, x)
+        x = self.input_view_impl(x)
+        y = x / scale
+        y = y + zero_point
+        lo = self.min_int(bit_width)
+        hi = self.max_int(bit_width)
+        q = ana_round(y, lo, hi, **self.noise_args())
+        if lo.requires_grad or hi.requires_grad:
+            # A learned bit width gets the gradient stock Brevitas gives it: through the clamp of
+            # round(y) to the bounds (the added term is zero in value).
+            r = torch.round(y.detach())
+            q = q + (tensor_clamp(r, lo, hi) - tensor_clamp(r, lo.detach(), hi.detach()))
+        return q
+
+
+class AnaIntQuant(_AnaIntMixin, IntQuant):
+    """:class:`brevitas.core.quant.IntQuant` whose rounding is ANA while training with noise."""
+
+    def __init__(self, narrow_range: bool, signed: bool, input_view_impl: nn.Module,
+                 float_to_int_impl: nn.Module = RoundSte(),
+                 tensor_clamp_impl: nn.Module = TensorClamp(), quant_delay_steps: int = 0,
+                 ana_noise: str = "uniform", ana_strategy: str = "expectation",
+                 ana_annealed_grad: str = "ste", ana_sigma: float = 0.0, ana_mu: float = 0.0):
+        super().__init__(narrow_range, signed, input_view_impl, float_to_int_impl,
+                         tensor_clamp_impl, quant_delay_steps)
+        _check_round(float_to_int_impl)
+        self._init_ana(ana_noise, ana_strategy, ana_annealed_grad, ana_sigma, ana_mu)
+
+
+class AnaDecoupledIntQuant(_AnaIntMixin, DecoupledIntQuant):
+    """:class:`DecoupledIntQuant` (rounds with the pre-scale) with ANA rounding."""
+
+    def __init__(self, narrow_range: bool, signed: bool, input_view_impl: nn.Module,
+                 float_to_int_impl: nn.Module = RoundSte(),
+                 tensor_clamp_impl: nn.Module = TensorClamp(), quant_delay_steps: int = 0,
+                 ana_noise: str = "uniform", ana_strategy: str = "expectation",
+                 ana_annealed_grad: str = "ste", ana_sigma: float = 0.0, ana_mu: float = 0.0):
+        super().__init__(narrow_range, signed, input_view_impl, float_to_int_impl,
+                         tensor_clamp_impl, quant_delay_steps)
+        _check_round(float_to_int_impl)
+        self._init_ana(ana_noise, ana_strategy, ana_annealed_grad, ana_sigma, ana_mu)
+
+
+class _AnaBinaryMixin(AnaQuantMixin):
+    """Binary sign as a one-threshold stair: in step units ``y = (x / scale + 1) / 2`` the levels
+    -1, +1 are 0, 1 and the threshold ``x = 0`` is ``y = 1/2``; the output is
+    ``(2 * ana_round(y, 0, 1) - 1) * scale``. Uniform noise of half-width 1/2 step (sigma =
+    1/sqrt(12)) is BinaryConnect's hard-sigmoid; the stock input clamp to [-scale, scale] is left
+    out, since the noise now decides where the gradient vanishes."""
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        if self.stock_path:
+            return super().forward(x)
+        scale = self.scaling_impl(x)
+        y = (x / scale + 1.0) * 0.5
+        if self.sigma == 0.0:  # annealed, zero gradient; same tie at 0 as binary_sign
+            q = (y >= 0.5).to(y.dtype)
+        else:
+            q = ana_round(y, 0, 1, **self.noise_args())
+        out = (2.0 * q - 1.0) * scale
+        out = self.delay_wrapper(x, out)
+        return out, scale, self.zero_point(), self.bit_width()
+
+
+class AnaBinaryQuant(_AnaBinaryMixin, BinaryQuant):
+    """:class:`brevitas.core.quant.BinaryQuant` with ANA sign."""
+
+    def __init__(self, scaling_impl: nn.Module, signed: bool = True, quant_delay_steps: int = 0,
+                 ana_noise: str = "uniform", ana_strategy: str = "expectation",
+                 ana_annealed_grad: str = "ste", ana_sigma: float = 0.0, ana_mu: float = 0.0):
+        super().__init__(scaling_impl, signed, quant_delay_steps)
+        self._init_ana(ana_noise, ana_strategy, ana_annealed_grad, ana_sigma, ana_mu)
+
+
+class AnaClampedBinaryQuant(_AnaBinaryMixin, ClampedBinaryQuant):
+    """:class:`brevitas.core.quant.ClampedBinaryQuant` with ANA sign."""
+
+    def __init__(self, scaling_impl: nn.Module, tensor_clamp_impl: nn.Module = TensorClamp(),
+                 quant_delay_steps: int = 0, ana_noise: str = "uniform",
+                 ana_strategy: str = "expectation", ana_annealed_grad: str = "ste",
+                 ana_sigma: float = 0.0, ana_mu: float = 0.0):
+        super().__init__(scaling_impl, tensor_clamp_impl, quant_delay_steps)
+        self._init_ana(ana_noise, ana_strategy, ana_annealed_grad, ana_sigma, ana_mu)
+
+
+# Stock module -> ANA twin. Wrappers are kept: their inner slot is swapped instead.
+TWINS = {IntQuant: AnaIntQuant, DecoupledIntQuant: AnaDecoupledIntQuant,
+         BinaryQuant: AnaBinaryQuant, ClampedBinaryQuant: AnaClampedBinaryQuant}
+_WRAPPERS = {RescalingIntQuant: "int_quant", DecoupledRescalingIntQuant: "decoupled_int_quant",
+             DecoupledRescalingIntQuantWithInput: "decoupled_int_quant"}
+_SLOTS = ("tensor_quant", "int_quant", "decoupled_int_quant")
+
+
+def _twin_of(quant_name: str, slot: str, cls):
+    if cls is None or cls in TWINS.values():
+        return cls
+    if cls in TWINS:
+        return TWINS[cls]
+    if slot == "tensor_quant" and cls in _WRAPPERS:
+        return cls
+    raise ValueError(
+        f"{quant_name}: {slot} {getattr(cls, '__name__', cls)!r} has no ANA twin; supported: "
+        f"{sorted(c.__name__ for c in list(TWINS) + list(_WRAPPERS))}")
+
+
+def _twin_value(quant_name: str, slot: str, function):
+    """A ``@value`` with ``function``'s signature that returns the twin of its result, so that
+    solver-based quantisers (tensor_quant chosen from quant_type) keep their logic."""
+
+    def twin(**kwargs):
+        return _twin_of(quant_name, slot, function(**kwargs))
+
+    twin.__signature__ = inspect.signature(function)
+    twin.__name__ = slot
+    return value(twin)
+
+
+def ana_quant(quant, name: str = None, **overrides):
+    """The ANA twin of a Brevitas integer or binary quantiser (injector) class.
+
+    The twin is a subclass of ``quant`` whose rounding module is the ANA one; everything else,
+    solver logic included, is inherited. ``overrides`` are injector attributes, e.g.
+    ``ana_quant(Int8ActPerTensorFloat, ana_noise="normal", ana_strategy="mode", ana_sigma=0.5)``;
+    like any Brevitas quantiser the twin also accepts ``.let(...)`` and layer keywords such as
+    ``weight_ana_noise="logistic"``.
+    """
+    if not (inspect.isclass(quant) and issubclass(quant, ExtendedInjector)):
+        raise ValueError(f"quant must be a Brevitas quantiser (ExtendedInjector subclass), "
+                         f"got {quant!r}")
+    qname = quant.__name__
+    namespace = {}
+    for slot in _SLOTS:
+        spec = quant.__dependencies__.get(slot)
+        if spec is None:
+            continue
+        attribute = spec[1]
+        if inspect.isclass(attribute):
+            namespace[slot] = _twin_of(qname, slot, attribute)
+        elif spec[0] == "injectable":  # a @value function or a raw value
+            namespace[slot] = _twin_value(qname, slot, attribute)
+        else:
+            raise ValueError(f"{qname}: {slot} is a {spec[0]!r} dependency, which ana_quant "
+                             "cannot wrap; give it a class or a @value function")
+    if "tensor_quant" not in namespace:
+        raise ValueError(f"{qname} defines no tensor_quant: not a Brevitas quantiser")
+    for key in overrides:
+        if not key.startswith("ana_"):
+            continue
+        if key not in ("ana_noise", "ana_strategy", "ana_annealed_grad", "ana_sigma", "ana_mu"):
+            raise ValueError(f"{key}: unknown ANA option; known: ana_noise, ana_strategy, "
+                             "ana_annealed_grad, ana_sigma, ana_mu")
+    namespace.update(overrides)
+    namespace["__module__"] = __name__
+    namespace["__qualname__"] = name or f"Ana{qname}"
+    namespace["__doc__"] = f"ANA twin of :class:`{quant.__module__}.{qname}`."
+    return type(quant)(name or f"Ana{qname}", (quant,), namespace)
+
+
+def ana_quantizers(model: nn.Module) -> Iterator[Tuple[str, AnaQuantMixin]]:
+    """(name, module) of every ANA rounding module in ``model``, in registration order."""
+    for name, module in model.named_modules():
+        if isinstance(module, AnaQuantMixin):
+            yield name, module
+
+
+def set_noise(model: nn.Module, sigma, mu=0.0) -> int:
+    """Set standard deviation ``sigma`` and mean ``mu`` (steps) of every ANA quantiser in
+    ``model``; returns how many were set. ``ValueError`` if the model has none."""
+    count = 0
+    for _, module in ana_quantizers(model):
+        module.set_noise(sigma, mu)
+        count += 1
+    if count == 0:
+        raise ValueError("model: no ANA quantiser found (swap quantisers with their Ana* twins "
+                         "or convert the model first)")
+    return count
+
+
+AnaInt8WeightPerTensorFloat = ana_quant(Int8WeightPerTensorFloat)
+AnaInt8WeightPerChannelFloat = ana_quant(Int8WeightPerChannelFloat)
+AnaInt8ActPerTensorFloat = ana_quant(Int8ActPerTensorFloat)
+AnaUint8ActPerTensorFloat = ana_quant(Uint8ActPerTensorFloat)
+AnaSignedBinaryWeightPerTensorConst = ana_quant(SignedBinaryWeightPerTensorConst)
+AnaSignedBinaryActPerTensorConst = ana_quant(SignedBinaryActPerTensorConst)
+AnaSignedTernaryWeightPerTensorConst = ana_quant(SignedTernaryWeightPerTensorConst)
+AnaSignedTernaryActPerTensorConst = ana_quant(SignedTernaryActPerTensorConst)
