@@ -2,20 +2,28 @@
 
 Where things live:
     noise.py       noise families (CDF, PDF, support) and their registry
-    functional.py  ana_round: the smoothed stair and its autograd function
-    quant.py       Brevitas adaptation: Ana* quantisers, ana_quant() twin factory, set_noise()
+    functional.py  ana_round: the smoothed stair and its autograd function (where sigma is used)
+    quant.py       Brevitas adaptation: Ana* quantisers, ana_quant(), set_noise() (where it is stored)
+    schedules.py   annealing factors g(t)
+    controller.py  AnaController: orders and groups quantisers, sets sigma(t) (where it comes from)
+    convert.py     to_ana(), to_stock(), quantize_timm()
 """
 from brevitas_ana.quant import check_jit_disabled
 
 check_jit_disabled()
 
-from brevitas_ana import functional, noise  # noqa: E402
+from brevitas_ana import functional, noise, schedules  # noqa: E402
+from brevitas_ana.controller import PRESETS, AnaController  # noqa: E402
+from brevitas_ana.convert import quantize_timm, to_ana, to_stock  # noqa: E402
 from brevitas_ana.functional import ana_round  # noqa: E402
 from brevitas_ana.noise import NoiseFamily, get_noise, register_noise  # noqa: E402
 from brevitas_ana.quant import (AnaQuantMixin, ana_quant, ana_quantizers,  # noqa: E402
-                                set_noise)
+                                set_noise, stock_quant)
+from brevitas_ana.schedules import make_schedule  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["ana_round", "functional", "noise", "NoiseFamily", "get_noise", "register_noise",
-           "AnaQuantMixin", "ana_quant", "ana_quantizers", "set_noise", "__version__"]
+__all__ = ["ana_round", "functional", "noise", "schedules", "NoiseFamily", "get_noise",
+           "register_noise", "AnaQuantMixin", "ana_quant", "stock_quant", "ana_quantizers",
+           "set_noise", "AnaController", "PRESETS", "make_schedule", "to_ana", "to_stock",
+           "quantize_timm", "__version__"]

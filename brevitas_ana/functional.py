@@ -17,6 +17,7 @@ import math
 from typing import Tuple, Union
 
 import torch
+from brevitas.function.ops import tensor_clamp
 from brevitas.function.ops_ste import round_ste
 from torch import Tensor
 
@@ -169,7 +170,9 @@ class _AnaRoundFn(torch.autograd.Function):
             if isinstance(slope, tuple):  # (small integer counts, factor): keep counts compact
                 counts, ctx.factor = slope
                 # counts <= hi - lo, so 8 bits hold them up to 8-bit quantisers
-                ctx.save_for_backward(counts.to(torch.uint8 if hi - lo <= 255 else torch.int32))
+                if counts.dtype != torch.bool:
+                    counts = counts.to(torch.uint8 if hi - lo <= 255 else torch.int32)
+                ctx.save_for_backward(counts)
             else:
                 ctx.factor = None
                 ctx.save_for_backward(slope.to(y.dtype))
@@ -223,5 +226,6 @@ def ana_round(y: Tensor, lo: Number, hi: Number, noise: Union[str, NoiseFamily] 
     if sigma == 0.0:
         if annealed_grad == "zero":
             return torch.clamp(torch.round(y), lo, hi)
-        return torch.clamp(round_ste(y), lo, hi)
+        # Brevitas' TensorClamp, whose gradient also passes at round(y) == lo or hi
+        return tensor_clamp(round_ste(y), y.new_tensor(lo), y.new_tensor(hi))
     return _AnaRoundFn.apply(y, lo, hi, family, sigma, mu, strategy)

@@ -143,6 +143,10 @@ def _uniform_expectation(u: Tensor, lo: int, hi: int, sigma: float):
     """
     a = _SQRT3 * sigma
     inv_2a = 0.5 / a
+    if hi - lo == 1:  # one threshold (binary): E = lo + F, the slope is 1/2a inside the support
+        d = u - (lo + 0.5)
+        value = torch.mul(d, inv_2a).add_(0.5).clamp_(0.0, 1.0).add_(lo)
+        return value, (d.abs_() < a, inv_2a)
     b0 = torch.add(u, 0.5 - a).floor_().clamp_(lo, hi)
     m = torch.add(u, 0.5 + a).floor_().clamp_(lo, hi).sub_(b0)
     value = torch.sub(u, b0).add_(a).add_(m, alpha=-0.5).mul_(m).mul_(inv_2a).add_(b0)

@@ -34,7 +34,7 @@ from brevitas_ana.noise import get_noise
 
 __all__ = [
     "AnaQuantMixin", "AnaIntQuant", "AnaDecoupledIntQuant", "AnaBinaryQuant",
-    "AnaClampedBinaryQuant", "ana_quant", "set_noise", "ana_quantizers",
+    "AnaClampedBinaryQuant", "ana_quant", "stock_quant", "set_noise", "ana_quantizers",
     "AnaInt8WeightPerTensorFloat", "AnaInt8WeightPerChannelFloat", "AnaInt8ActPerTensorFloat",
     "AnaUint8ActPerTensorFloat", "AnaSignedBinaryWeightPerTensorConst",
     "AnaSignedBinaryActPerTensorConst", "AnaSignedTernaryWeightPerTensorConst",
@@ -156,12 +156,13 @@ class _AnaBinaryMixin(AnaQuantMixin):
         if self.stock_path:
             return super().forward(x)
         scale = self.scaling_impl(x)
-        y = (x / scale + 1.0) * 0.5
+        # y = x / (2 scale) + 1/2 and out = 2 scale q - scale, one fused op each
+        y = torch.addcmul(scale.new_tensor(0.5), x, 0.5 / scale)
         if self.sigma == 0.0:  # annealed, zero gradient; same tie at 0 as binary_sign
             q = (y >= 0.5).to(y.dtype)
         else:
             q = ana_round(y, 0, 1, **self.noise_args())
-        out = (2.0 * q - 1.0) * scale
+        out = torch.addcmul(-scale, q, 2.0 * scale)
         out = self.delay_wrapper(x, out)
         return out, scale, self.zero_point(), self.bit_width()
 
@@ -190,16 +191,17 @@ class AnaClampedBinaryQuant(_AnaBinaryMixin, ClampedBinaryQuant):
 # Stock module -> ANA twin. Wrappers are kept: their inner slot is swapped instead.
 TWINS = {IntQuant: AnaIntQuant, DecoupledIntQuant: AnaDecoupledIntQuant,
          BinaryQuant: AnaBinaryQuant, ClampedBinaryQuant: AnaClampedBinaryQuant}
-_WRAPPERS = {RescalingIntQuant: "int_quant", DecoupledRescalingIntQuant: "decoupled_int_quant",
-             DecoupledRescalingIntQuantWithInput: "decoupled_int_quant"}
+STOCK = {twin: stock for stock, twin in TWINS.items()}
+_WRAPPERS = {RescalingIntQuant, DecoupledRescalingIntQuant, DecoupledRescalingIntQuantWithInput}
 _SLOTS = ("tensor_quant", "int_quant", "decoupled_int_quant")
+ANA_OPTIONS = ("ana_noise", "ana_strategy", "ana_annealed_grad", "ana_sigma", "ana_mu")
 
 
-def _twin_of(quant_name: str, slot: str, cls):
-    if cls is None or cls in TWINS.values():
+def _swap(quant_name: str, slot: str, cls, mapping):
+    if cls is None or cls in mapping.values():
         return cls
-    if cls in TWINS:
-        return TWINS[cls]
+    if cls in mapping:
+        return mapping[cls]
     if slot == "tensor_quant" and cls in _WRAPPERS:
         return cls
     raise ValueError(
@@ -207,27 +209,19 @@ def _twin_of(quant_name: str, slot: str, cls):
         f"{sorted(c.__name__ for c in list(TWINS) + list(_WRAPPERS))}")
 
 
-def _twin_value(quant_name: str, slot: str, function):
-    """A ``@value`` with ``function``'s signature that returns the twin of its result, so that
-    solver-based quantisers (tensor_quant chosen from quant_type) keep their logic."""
+def _swap_value(quant_name: str, slot: str, function, mapping):
+    """A ``@value`` with ``function``'s signature that swaps its result, so that solver-based
+    quantisers (tensor_quant chosen from quant_type) keep their logic."""
 
-    def twin(**kwargs):
-        return _twin_of(quant_name, slot, function(**kwargs))
+    def swapped(**kwargs):
+        return _swap(quant_name, slot, function(**kwargs), mapping)
 
-    twin.__signature__ = inspect.signature(function)
-    twin.__name__ = slot
-    return value(twin)
+    swapped.__signature__ = inspect.signature(function)
+    swapped.__name__ = slot
+    return value(swapped)
 
 
-def ana_quant(quant, name: str = None, **overrides):
-    """The ANA twin of a Brevitas integer or binary quantiser (injector) class.
-
-    The twin is a subclass of ``quant`` whose rounding module is the ANA one; everything else,
-    solver logic included, is inherited. ``overrides`` are injector attributes, e.g.
-    ``ana_quant(Int8ActPerTensorFloat, ana_noise="normal", ana_strategy="mode", ana_sigma=0.5)``;
-    like any Brevitas quantiser the twin also accepts ``.let(...)`` and layer keywords such as
-    ``weight_ana_noise="logistic"``.
-    """
+def _retarget(quant, mapping, name: str, doc: str, overrides: dict):
     if not (inspect.isclass(quant) and issubclass(quant, ExtendedInjector)):
         raise ValueError(f"quant must be a Brevitas quantiser (ExtendedInjector subclass), "
                          f"got {quant!r}")
@@ -239,25 +233,42 @@ def ana_quant(quant, name: str = None, **overrides):
             continue
         attribute = spec[1]
         if inspect.isclass(attribute):
-            namespace[slot] = _twin_of(qname, slot, attribute)
+            namespace[slot] = _swap(qname, slot, attribute, mapping)
         elif spec[0] == "injectable":  # a @value function or a raw value
-            namespace[slot] = _twin_value(qname, slot, attribute)
+            namespace[slot] = _swap_value(qname, slot, attribute, mapping)
         else:
-            raise ValueError(f"{qname}: {slot} is a {spec[0]!r} dependency, which ana_quant "
-                             "cannot wrap; give it a class or a @value function")
+            raise ValueError(f"{qname}: {slot} is a {spec[0]!r} dependency, which cannot be "
+                             "retargeted; give it a class or a @value function")
     if "tensor_quant" not in namespace:
         raise ValueError(f"{qname} defines no tensor_quant: not a Brevitas quantiser")
-    for key in overrides:
-        if not key.startswith("ana_"):
-            continue
-        if key not in ("ana_noise", "ana_strategy", "ana_annealed_grad", "ana_sigma", "ana_mu"):
-            raise ValueError(f"{key}: unknown ANA option; known: ana_noise, ana_strategy, "
-                             "ana_annealed_grad, ana_sigma, ana_mu")
     namespace.update(overrides)
-    namespace["__module__"] = __name__
-    namespace["__qualname__"] = name or f"Ana{qname}"
-    namespace["__doc__"] = f"ANA twin of :class:`{quant.__module__}.{qname}`."
-    return type(quant)(name or f"Ana{qname}", (quant,), namespace)
+    namespace.update(__module__=__name__, __qualname__=name, __doc__=doc)
+    return type(quant)(name, (quant,), namespace)
+
+
+def ana_quant(quant, name: str = None, **overrides):
+    """The ANA twin of a Brevitas integer or binary quantiser (injector) class.
+
+    The twin is a subclass of ``quant`` whose rounding module is the ANA one; everything else,
+    solver logic included, is inherited. ``overrides`` are injector attributes, e.g.
+    ``ana_quant(Int8ActPerTensorFloat, ana_noise="normal", ana_strategy="mode", ana_sigma=0.5)``;
+    like any Brevitas quantiser the twin also accepts ``.let(...)`` and layer keywords such as
+    ``weight_ana_noise="logistic"``.
+    """
+    for key in overrides:
+        if key.startswith("ana_") and key not in ANA_OPTIONS:
+            raise ValueError(f"{key}: unknown ANA option; known: {', '.join(ANA_OPTIONS)}")
+    qname = getattr(quant, "__name__", repr(quant))
+    return _retarget(quant, TWINS, name or f"Ana{qname}",
+                     f"ANA twin of :class:`{getattr(quant, '__module__', '')}.{qname}`.",
+                     overrides)
+
+
+def stock_quant(quant, name: str = None):
+    """The stock counterpart of an ANA quantiser class (inverse of :func:`ana_quant`)."""
+    qname = getattr(quant, "__name__", repr(quant))
+    return _retarget(quant, STOCK, name or qname.removeprefix("Ana"),
+                     f"Stock counterpart of {qname}.", {})
 
 
 def ana_quantizers(model: nn.Module) -> Iterator[Tuple[str, AnaQuantMixin]]:

@@ -1,0 +1,168 @@
+"""One-call conversion: Brevitas model <-> ANA model, and float timm model -> ANA QNN.
+
+``to_ana`` / ``to_stock`` work in place, like torchao's ``quantize_``: each weight and activation
+quantiser's rounding module is re-typed to its twin (the same module object state: scales,
+statistics, parameters and their identity, so an existing optimiser keeps working), and the
+proxy's injector is swapped too, so that anything Brevitas rebuilds later is rebuilt as ANA.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, Iterator, Optional, Tuple
+
+import brevitas.nn as qnn
+from brevitas.proxy.parameter_quant import WeightQuantProxyFromInjectorBase
+from brevitas.proxy.runtime_quant import ActQuantProxyFromInjectorBase
+from torch import nn
+
+from brevitas_ana.functional import check_noise_args
+from brevitas_ana.noise import get_noise
+from brevitas_ana.quant import (ANA_OPTIONS, STOCK, TWINS, AnaInt8ActPerTensorFloat,
+                                AnaInt8WeightPerChannelFloat, AnaQuantMixin, ana_quant,
+                                stock_quant)
+
+__all__ = ["to_ana", "to_stock", "quant_proxies", "quantize_timm"]
+
+_NOISE_FIELDS = ("noise", "strategy", "annealed_grad", "sigma", "mu")
+
+
+def quant_proxies(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    """(name, proxy) of every weight and activation quant proxy (bias quantisers excluded)."""
+    for name, module in model.named_modules():
+        if isinstance(module, (WeightQuantProxyFromInjectorBase, ActQuantProxyFromInjectorBase)):
+            yield name, module
+
+
+def _retype(module: nn.Module, cls) -> nn.Module:
+    # Same state, other class: the twins add only Python attributes to the stock modules.
+    new = cls.__new__(cls)
+    new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v)
+                         for k, v in module.__dict__.items() if k not in _NOISE_FIELDS})
+    return new
+
+
+def _swap_leaves(proxy: nn.Module, mapping: dict, init) -> int:
+    swaps = [(parent, attr, child) for parent in proxy.modules()
+             for attr, child in parent.named_children() if type(child) in mapping]
+    for parent, attr, child in swaps:
+        new = _retype(child, mapping[type(child)])
+        init(new)
+        setattr(parent, attr, new)
+    return len(swaps)
+
+
+def to_ana(model: nn.Module, noise: str = "uniform", strategy: str = "expectation",
+           annealed_grad: str = "ste", sigma: float = 0.0, mu: float = 0.0) -> nn.Module:
+    """Switch every integer / binary weight and activation quantiser of a Brevitas model to its
+    ANA twin, in place; returns the model. Weights, learned scales and statistics are kept.
+
+    Quantisers with no ANA twin (float, ternary-threshold) are left as they are, with a warning;
+    ``ValueError`` if there is nothing to convert."""
+    get_noise(noise)
+    sigma, mu = check_noise_args(sigma, mu, strategy, annealed_grad)
+    options = dict(ana_noise=noise, ana_strategy=strategy, ana_annealed_grad=annealed_grad,
+                   ana_sigma=sigma, ana_mu=mu)
+    converted, skipped = 0, []
+    for name, proxy in quant_proxies(model):
+        if any(isinstance(m, AnaQuantMixin) for m in proxy.modules()):
+            continue
+        n = _swap_leaves(proxy, TWINS, lambda m: m._init_ana(noise, strategy, annealed_grad,
+                                                              sigma, mu))
+        if n == 0:
+            if getattr(proxy, "is_quant_enabled", False):
+                skipped.append(name)
+            continue
+        proxy.quant_injector = ana_quant(proxy.quant_injector, **options)
+        converted += n
+    if skipped:
+        warnings.warn(f"to_ana: no ANA twin for the quantisers of {skipped}; left as they are")
+    if converted == 0 and not any(isinstance(m, AnaQuantMixin) for m in model.modules()):
+        raise ValueError("model: no Brevitas integer or binary weight/activation quantiser found")
+    return model
+
+
+def to_stock(model: nn.Module) -> nn.Module:
+    """Switch every ANA quantiser back to the stock Brevitas one, in place (for deployment)."""
+    for _, proxy in quant_proxies(model):
+        if _swap_leaves(proxy, STOCK, lambda m: None):
+            proxy.quant_injector = stock_quant(proxy.quant_injector)
+    return model
+
+
+# --- timm ---------------------------------------------------------------------------------------
+
+def _layer_map(model: nn.Module, weight_bit_width: int, act_bit_width: int, weight_quant,
+               act_quant, ana_options: dict) -> Dict[type, tuple]:
+    """Brevitas layerwise map for every Conv2d / Linear class in ``model``. Subclasses count when
+    they keep the base forward (timm's Linear only adds a TorchScript cast); others, such as
+    'same'-padding convolutions, would change meaning and are left in float, with a warning."""
+    kwargs = dict(weight_quant=weight_quant, weight_bit_width=weight_bit_width,
+                  input_quant=act_quant, input_bit_width=act_bit_width,
+                  return_quant_tensor=False,
+                  **{f"weight_{k}": v for k, v in ana_options.items()},
+                  **{f"input_{k}": v for k, v in ana_options.items()})
+    layer_map, left = {}, set()
+    for cls in {type(m) for m in model.modules()}:
+        for base, quant_cls in ((nn.Conv2d, qnn.QuantConv2d), (nn.Linear, qnn.QuantLinear)):
+            if not issubclass(cls, base) or issubclass(cls, quant_cls):
+                continue
+            if cls is base or cls.forward is base.forward or cls.__module__ == "timm.layers.linear":
+                layer_map[cls] = (quant_cls, kwargs)
+            else:
+                left.add(cls.__name__)
+    if left:
+        warnings.warn(f"quantize_timm: layers of class {sorted(left)} have their own forward and "
+                      "stay in float")
+    return layer_map
+
+
+def quantize_timm(model: nn.Module, weight_bit_width: int = 4, act_bit_width: int = 4,
+                  first_layer_bit_width: Optional[int] = 8, last_layer_bit_width: Optional[int] = 8,
+                  weight_quant=AnaInt8WeightPerChannelFloat,
+                  act_quant=AnaInt8ActPerTensorFloat, **ana_options) -> nn.Module:
+    """Turn a float timm (or any torch) model into a Brevitas QNN with ANA quantisers.
+
+    Every ``Conv2d`` and ``Linear`` becomes a ``QuantConv2d`` / ``QuantLinear`` whose weight
+    (``weight_bit_width``, per-channel scales by default) and input (``act_bit_width``, signed,
+    since timm blocks feed layers with signed residual sums) are quantised, with Brevitas'
+    ``layerwise_quantize``. The first and the last such layer (in registration order) use
+    ``first_layer_bit_width`` / ``last_layer_bit_width`` for both (``None``: same as the others).
+    ``ana_options`` are ANA injector options (``ana_noise=...``). Weights are kept.
+    """
+    from brevitas.graph.quantize import layerwise_quantize
+    for field, bits in (("weight_bit_width", weight_bit_width), ("act_bit_width", act_bit_width),
+                        ("first_layer_bit_width", first_layer_bit_width),
+                        ("last_layer_bit_width", last_layer_bit_width)):
+        if bits is None and field.startswith(("first", "last")):
+            continue
+        if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 16:
+            raise ValueError(f"{field} must be an integer in [2, 16], got {bits!r}")
+    for key in ana_options:
+        if key not in ANA_OPTIONS:
+            raise ValueError(f"{key}: unknown option of quantize_timm; ANA options: "
+                             f"{', '.join(ANA_OPTIONS)}")
+    layer_map = _layer_map(model, weight_bit_width, act_bit_width, weight_quant, act_quant,
+                           ana_options)
+    layers = [n for n, m in model.named_modules() if type(m) in layer_map]
+    if not layers:
+        raise ValueError("model: no Conv2d or Linear layer to quantise")
+    special = {n: b for n, b in ((layers[0], first_layer_bit_width),
+                                 (layers[-1], last_layer_bit_width)) if b is not None}
+    model = layerwise_quantize(model, layer_map, name_blacklist=list(special))
+    for name, bits in special.items():
+        holder = _Holder(model.get_submodule(name))
+        layerwise_quantize(holder, _layer_map(holder, bits, bits, weight_quant, act_quant,
+                                              ana_options))
+        _set_submodule(model, name, holder.m)
+    return model
+
+
+class _Holder(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module):
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
