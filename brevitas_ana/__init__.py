@@ -18,12 +18,12 @@ from brevitas_ana.convert import quantize_timm, to_ana, to_stock  # noqa: E402
 from brevitas_ana.functional import ana_round  # noqa: E402
 from brevitas_ana.noise import NoiseFamily, get_noise, register_noise  # noqa: E402
 from brevitas_ana.quant import (AnaQuantMixin, ana_quant, ana_quantizers,  # noqa: E402
-                                set_noise, stock_quant)
+                                keep_quant_modules, set_noise, stock_quant)
 from brevitas_ana.schedules import make_schedule  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["ana_round", "functional", "noise", "schedules", "NoiseFamily", "get_noise",
            "register_noise", "AnaQuantMixin", "ana_quant", "stock_quant", "ana_quantizers",
-           "set_noise", "AnaController", "PRESETS", "make_schedule", "to_ana", "to_stock",
+           "keep_quant_modules", "set_noise", "AnaController", "PRESETS", "make_schedule", "to_ana", "to_stock",
            "quantize_timm", "__version__"]

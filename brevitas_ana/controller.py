@@ -200,7 +200,7 @@ class AnaController:
         pending, self._pending_state = self._pending_state, None
         if pending is not None:
             self.load_state_dict(pending)
-        self._apply()
+        self.apply()
 
     @staticmethod
     def _layer_groups(order):
@@ -264,16 +264,19 @@ class AnaController:
         return OrderedDict((g, (self.sigma0 * s(t), self.mu0 * m(t)))
                            for g, (s, m) in self._schedules.items())
 
-    def _apply(self):
+    def apply(self):
+        """Write the current noise into every quantiser. ``step`` and ``load_state_dict`` do it;
+        call it after loading a model state_dict, which makes Brevitas rebuild its quantisers."""
         for g, (sigma, mu) in self.noise_at(self.t).items():
             for name in self._groups[g]:
-                self._quantizers[name].set_noise(sigma, mu)
+                # looked up by name: Brevitas replaces quantiser modules when loading a state_dict
+                self.model.get_submodule(name).set_noise(sigma, mu)
 
     def step(self, n: int = 1):
         """Advance time by ``n`` optimiser steps and update every quantiser's noise."""
         self.step_count += n
         if self._groups is not None:
-            self._apply()
+            self.apply()
 
     def sigmas(self) -> "OrderedDict[str, float]":
         """{group name: current sigma}, input first."""
@@ -357,4 +360,4 @@ class AnaController:
                 f"{k} (saved {saved[k]!r}, here {mine[k]!r})" for k in diff))
         self.step_count = int(state["step_count"])
         if self._groups is not None:
-            self._apply()
+            self.apply()

@@ -11,6 +11,7 @@ and ``forward`` (binary ones); :func:`set_noise` and the controller write it.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Iterator, Tuple
 
@@ -35,6 +36,7 @@ from brevitas_ana.noise import get_noise
 __all__ = [
     "AnaQuantMixin", "AnaIntQuant", "AnaDecoupledIntQuant", "AnaBinaryQuant",
     "AnaClampedBinaryQuant", "ana_quant", "stock_quant", "set_noise", "ana_quantizers",
+    "keep_quant_modules",
     "AnaInt8WeightPerTensorFloat", "AnaInt8WeightPerChannelFloat", "AnaInt8ActPerTensorFloat",
     "AnaUint8ActPerTensorFloat", "AnaSignedBinaryWeightPerTensorConst",
     "AnaSignedBinaryActPerTensorConst", "AnaSignedTernaryWeightPerTensorConst",
@@ -269,6 +271,23 @@ def stock_quant(quant, name: str = None):
     qname = getattr(quant, "__name__", repr(quant))
     return _retarget(quant, STOCK, name or qname.removeprefix("Ana"),
                      f"Stock counterpart of {qname}.", {})
+
+
+@contextlib.contextmanager
+def keep_quant_modules():
+    """Load state dicts without Brevitas rebuilding the quantiser modules.
+
+    By default (``brevitas.config.REINIT_ON_STATE_DICT_LOAD``) every ``load_state_dict`` builds new
+    quantiser modules, with new scale parameters: an optimiser created before the load would then
+    update parameters the model no longer uses, and the noise set on the old modules is lost.
+    Inside this context values are copied into the existing modules instead, as for plain torch.
+    """
+    saved = brevitas.config.REINIT_ON_STATE_DICT_LOAD
+    brevitas.config.REINIT_ON_STATE_DICT_LOAD = False
+    try:
+        yield
+    finally:
+        brevitas.config.REINIT_ON_STATE_DICT_LOAD = saved
 
 
 def ana_quantizers(model: nn.Module) -> Iterator[Tuple[str, AnaQuantMixin]]:

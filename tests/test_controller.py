@@ -1,0 +1,239 @@
+"""AnaController: execution ordering, grouping, preset formulas, checkpoint/resume."""
+import copy
+
+import pytest
+import torch
+import brevitas.nn as qnn
+from torch import nn
+
+import brevitas_ana
+from brevitas_ana import AnaController
+from brevitas_ana.quant import AnaInt8ActPerTensorFloat, AnaInt8WeightPerTensorFloat
+
+
+class Scrambled(nn.Module):
+    """Attributes registered in an order unrelated to execution order."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = qnn.QuantLinear(16, 4, bias=False, weight_quant=AnaInt8WeightPerTensorFloat)
+        self.act_b = qnn.QuantIdentity(act_quant=AnaInt8ActPerTensorFloat)
+        self.mid = qnn.QuantLinear(16, 16, bias=False, weight_quant=AnaInt8WeightPerTensorFloat)
+        self.act_a = qnn.QuantIdentity(act_quant=AnaInt8ActPerTensorFloat)
+        self.stem = qnn.QuantLinear(8, 16, bias=False, weight_quant=AnaInt8WeightPerTensorFloat)
+        self.inp = qnn.QuantIdentity(act_quant=AnaInt8ActPerTensorFloat)
+
+    def forward(self, x):
+        x = self.act_a(self.stem(self.inp(x)))
+        x = self.act_b(self.mid(x))
+        return self.head(x)
+
+
+EXPECTED_GROUPS = {
+    "inp": ["inp.act_quant.fused_activation_quant_proxy.tensor_quant.int_quant"],
+    "stem": ["stem.weight_quant.tensor_quant.int_quant",
+             "act_a.act_quant.fused_activation_quant_proxy.tensor_quant.int_quant"],
+    "mid": ["mid.weight_quant.tensor_quant.int_quant",
+            "act_b.act_quant.fused_activation_quant_proxy.tensor_quant.int_quant"],
+    "head": ["head.weight_quant.tensor_quant.int_quant"],
+}
+
+
+def make(seed=0):
+    torch.manual_seed(seed)
+    return Scrambled()
+
+
+def test_orders_by_execution_with_example_input():
+    model = make()
+    ctl = AnaController(model, total_steps=10, example_input=torch.randn(2, 8))
+    assert list(ctl.groups.items()) == list(EXPECTED_GROUPS.items())
+    assert list(ctl.sigmas()) == list(EXPECTED_GROUPS)
+    assert all(m.training for m in model.modules())  # example forward left modes alone
+
+
+def test_orders_by_execution_on_first_forward():
+    model = make()
+    ctl = AnaController(model, total_steps=10)
+    with pytest.raises(RuntimeError, match="forward pass"):
+        ctl.sigmas()
+    model(torch.randn(2, 8))
+    assert list(ctl.groups.items()) == list(EXPECTED_GROUPS.items())
+
+
+def test_pattern_groups_ordered_by_first_execution():
+    ctl = AnaController(make(), total_steps=10, example_input=torch.randn(2, 8),
+                        groups={"late": ["mid", "act_b", "head"], "early": ["inp", "stem*",
+                                                                            "act_a"]})
+    assert list(ctl.groups) == ["early", "late"]
+    assert len(ctl.groups["early"]) == 3 and len(ctl.groups["late"]) == 3
+
+
+@pytest.mark.parametrize("groups,match", [
+    ({"a": ["inp", "stem", "act_a"], "b": ["mid", "act_b"]}, r"uncovered: \['head\."),
+    ({"a": ["*"], "b": ["head"]}, r"in several groups: \[\"head\.weight_quant\S* -> \['a', 'b'\]"),
+    ({"a": ["*"], "b": ["nothing"]}, r"no quantiser matches group\(s\) \['b'\]"),
+])
+def test_pattern_group_errors(groups, match):
+    with pytest.raises(ValueError, match=match):
+        AnaController(make(), total_steps=10, example_input=torch.randn(2, 8), groups=groups)
+
+
+def expected_sigma(preset, l, n, t, total, sigma0):
+    """The presets' formulas, written out independently of brevitas_ana.schedules."""
+    p = total / n
+    a = 2.0 * (n - l) if preset == "progressive" else 2.0
+    start, end = {"homogeneous": (0, total), "progressive": (0, total),
+                  "partition": (l * p, (l + 1) * p), "same_start": (0, (l + 1) * p),
+                  "same_end": ((n - l - 1) * p, total)}.get(preset, (None, None))
+    if preset == "static":
+        return sigma0
+    if t < start:
+        return sigma0
+    if t >= end:
+        return 0.0
+    return sigma0 * ((end - t) / (end - start)) ** a
+
+
+@pytest.mark.parametrize("preset", ["homogeneous", "progressive", "partition", "same_start",
+                                    "same_end", "static"])
+def test_preset_formulas(preset):
+    total = 40
+    ctl = AnaController(make(), preset=preset, total_steps=total, sigma=0.8,
+                        example_input=torch.randn(2, 8))
+    quantisers = dict(brevitas_ana.ana_quantizers(ctl.model))
+    n = len(ctl.groups)
+    for t in (0, 3, 10, 17, 20, 29, 39, 40, 45):
+        ctl.step(t - ctl.step_count)
+        got = ctl.sigmas()
+        for l, g in enumerate(got):
+            want = expected_sigma(preset, l, n, t, total, 0.8)
+            assert got[g] == pytest.approx(want, rel=1e-12, abs=1e-15), (t, g)
+            for name in ctl.groups[g]:  # and the quantisers really carry it
+                assert quantisers[name].sigma == pytest.approx(want, rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("preset", ["progressive", "partition"])
+def test_input_side_sharpens_first(preset):
+    ctl = AnaController(make(), preset=preset, total_steps=100, sigma=1.0,
+                        example_input=torch.randn(2, 8))
+    ctl.step(50)
+    s = list(ctl.sigmas().values())
+    assert s[0] < s[-1]
+    if preset == "progressive":
+        assert all(a < b for a, b in zip(s, s[1:]))
+
+
+def test_mu_follows_its_own_exponent_and_epoch_time():
+    ctl = AnaController(make(), preset="homogeneous", total_steps=40, sigma=0.5, mu=0.5,
+                        time_unit="epoch", steps_per_epoch=8, example_input=torch.randn(2, 8))
+    ctl.step(10)  # 1.25 of 5 epochs
+    assert ctl.t == pytest.approx(1.25)
+    assert next(iter(ctl.mus().values())) == pytest.approx(0.5 * (3.75 / 5) ** 1)
+    assert next(iter(ctl.sigmas().values())) == pytest.approx(0.5 * (3.75 / 5) ** 2)
+
+
+def test_schedule_overrides():
+    ctl = AnaController(make(), total_steps=10, sigma=1.0, example_input=torch.randn(2, 8),
+                        schedules={"head": {"sigma": {"name": "constant"}}})
+    ctl.step(10)
+    assert ctl.sigmas()["head"] == 1.0 and ctl.sigmas()["inp"] == 0.0
+    with pytest.raises(ValueError, match="unknown group"):
+        AnaController(make(), total_steps=10, example_input=torch.randn(2, 8),
+                      schedules={"nope": {"sigma": {"name": "constant"}}})
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="preset"):
+        AnaController(make(), preset="sync", total_steps=10)
+    with pytest.raises(ValueError, match="total_steps"):
+        AnaController(make(), preset="progressive")
+    with pytest.raises(ValueError, match="sigma"):
+        AnaController(make(), total_steps=10, sigma=-1)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        AnaController(make(), total_steps=10, time_unit="epoch")
+    with pytest.raises(ValueError, match="no ANA quantiser"):
+        AnaController(nn.Linear(3, 3), total_steps=10)
+
+
+def test_eval_is_noise_free():
+    model = make()
+    ctl = AnaController(model, total_steps=10, sigma=2.0, example_input=torch.randn(2, 8))
+    x = torch.randn(5, 8)
+    model.train()(x)
+    model.eval()
+    noisy = model(x)
+    stock = copy.deepcopy(model)
+    brevitas_ana.to_stock(stock)
+    assert ctl.sigmas()["inp"] == 2.0 and torch.equal(noisy, stock(x))
+
+
+def test_summary_and_plot(tmp_path, capsys):
+    ctl = AnaController(make(), total_steps=10, example_input=torch.randn(2, 8))
+    text = ctl.summary()
+    assert capsys.readouterr().out.strip() == text
+    for g, members in EXPECTED_GROUPS.items():
+        assert g in text and all(m in text for m in members)
+    path = ctl.plot(tmp_path / "sigma.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def _train(model, ctl, opt, steps, x, y):
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        ctl.step()
+
+
+def test_resume_matches_uninterrupted_run():
+    x, y = torch.randn(32, 8), torch.randn(32, 4)
+
+    def fresh():
+        model = make()
+        model.train()(x)  # scale statistics
+        # and end Brevitas' statistics phase, as loading a checkpoint does
+        with brevitas_ana.keep_quant_modules():
+            model.load_state_dict(model.state_dict())
+        ctl = AnaController(model, preset="progressive", total_steps=20, sigma=0.6,
+                            example_input=x)
+        return model, ctl, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    model, ctl, opt = fresh()
+    torch.manual_seed(1)
+    _train(model, ctl, opt, 20, x, y)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model, ctl, opt = fresh()
+    torch.manual_seed(1)
+    _train(model, ctl, opt, 8, x, y)
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), ctl.state_dict()))
+    sigmas_at_save = ctl.sigmas()
+
+    model, ctl, opt = fresh()
+    with brevitas_ana.keep_quant_modules():  # the optimiser already holds the scale parameters
+        model.load_state_dict(saved[0])
+    opt.load_state_dict(saved[1])
+    ctl.load_state_dict(saved[2])
+    assert ctl.sigmas() == sigmas_at_save and ctl.step_count == 8
+    for g, s in ctl.sigmas().items():
+        for name in ctl.groups[g]:
+            assert dict(brevitas_ana.ana_quantizers(model))[name].sigma == s
+    torch.manual_seed(1)
+    _train(model, ctl, opt, 12, x, y)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+
+
+def test_load_before_first_forward_and_mismatch():
+    model = make()
+    src = AnaController(model, total_steps=30, example_input=torch.randn(2, 8))
+    src.step(12)
+    lazy = AnaController(make(), total_steps=30)
+    lazy.load_state_dict(src.state_dict())
+    lazy.model(torch.randn(2, 8))
+    assert lazy.sigmas() == src.sigmas()
+    other = AnaController(make(), preset="partition", total_steps=30,
+                          example_input=torch.randn(2, 8))
+    with pytest.raises(ValueError, match="preset"):
+        other.load_state_dict(src.state_dict())

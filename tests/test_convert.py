@@ -1,0 +1,156 @@
+"""to_ana / to_stock on Brevitas models, quantize_timm on timm models."""
+import copy
+
+import onnx
+import pytest
+import timm
+import torch
+import brevitas.nn as qnn
+from brevitas.export import export_onnx_qcdq, export_qonnx
+from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat
+from brevitas_examples.bnn_pynq.models.CNV import CNV
+from torch import nn
+
+import brevitas_ana
+from brevitas_ana import AnaController, ana_quantizers, to_ana, to_stock
+
+
+def cnv(bits):
+    torch.manual_seed(0)
+    return CNV(num_classes=10, weight_bit_width=bits, act_bit_width=bits, in_bit_width=8, in_ch=3)
+
+
+def per_channel_net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        qnn.QuantConv2d(3, 8, 3, weight_quant=Int8WeightPerChannelFloat, weight_bit_width=4,
+                        weight_scaling_impl_type="parameter_from_stats"),
+        nn.BatchNorm2d(8),
+        qnn.QuantReLU(act_quant=Int8ActPerTensorFloat, bit_width=4),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        qnn.QuantLinear(8, 10, bias=True, weight_quant=Int8WeightPerChannelFloat,
+                        weight_bit_width=4))
+
+
+MODELS = {"cnv_w1a1": lambda: cnv(1), "cnv_w2a2": lambda: cnv(2),
+          "learned_per_channel": per_channel_net}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_to_ana_keeps_everything_and_to_stock_undoes_it(name):
+    model = MODELS[name]()
+    x = torch.rand(8, 3, 32, 32)
+    model.train()(x)  # scale statistics
+    stock_copy = copy.deepcopy(model).eval()
+    params = dict(model.named_parameters())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    to_ana(model, noise="normal", sigma=0.4)
+    leaves = list(ana_quantizers(model))
+    assert len(leaves) >= 3 and all(m.noise == "normal" and m.sigma == 0.4 for _, m in leaves)
+    assert all(params[k] is p for k, p in model.named_parameters())  # optimiser stays valid
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), stock_copy(x))
+    # a Brevitas rebuild (state-dict load) keeps ANA: the injectors were swapped too
+    model.load_state_dict(stock_copy.state_dict())
+    assert len(list(ana_quantizers(model))) == len(leaves)
+    to_stock(model)
+    assert not list(ana_quantizers(model))
+    model.load_state_dict(stock_copy.state_dict())
+    assert not list(ana_quantizers(model))
+    with torch.no_grad():
+        assert torch.equal(model(x), stock_copy(x))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_converted_model_trains(name):
+    model = MODELS[name]()
+    torch.manual_seed(1)
+    x, y = torch.rand(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    model.train()(x)
+    reference = copy.deepcopy(model).eval()
+    to_ana(model)
+    ctl = AnaController(model, preset="progressive", total_steps=300, sigma=0.5,
+                        example_input=x[:2])
+    with torch.no_grad():  # at noise zero (eval) the converted model is the original
+        assert torch.equal(model.eval()(x), reference(x))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    model.train()
+    for _ in range(25):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        ctl.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) < 0.95 * sum(losses[:5]), losses
+    sigmas = list(ctl.sigmas().values())
+    assert 0 < sigmas[0] < sigmas[-1] < 0.5  # annealing, input side first
+
+
+def test_to_ana_errors():
+    with pytest.raises(ValueError, match="no Brevitas integer or binary"):
+        to_ana(nn.Sequential(nn.Linear(3, 3)))
+    with pytest.raises(ValueError, match="noise"):
+        to_ana(per_channel_net(), noise="gauss")
+    with pytest.raises(ValueError, match="sigma"):
+        to_ana(per_channel_net(), sigma=-2)
+
+
+TIMM = ["resnet18", "mobilenetv3_small_100", "efficientnet_b0"]
+
+
+def _ops(path):
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+@pytest.mark.parametrize("name", TIMM)
+def test_quantize_timm(name, tmp_path):
+    torch.manual_seed(0)
+    model = brevitas_ana.quantize_timm(
+        timm.create_model(name, pretrained=False, num_classes=10),
+        weight_bit_width=4, act_bit_width=4, first_layer_bit_width=8, last_layer_bit_width=8,
+        ana_noise="logistic")
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert all(isinstance(m, (qnn.QuantConv2d, qnn.QuantLinear)) for m in layers)
+    bits = [int(m.quant_weight().bit_width.item()) for m in layers]
+    assert bits[0] == 8 and bits[-1] == 8 and set(bits[1:-1]) == {4}
+    assert int(layers[1].input_quant.bit_width().item()) == 4
+    leaves = list(ana_quantizers(model))
+    assert len(leaves) >= 2 * (len(layers) - 1) and all(m.noise == "logistic" for _, m in leaves)
+
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    ctl = AnaController(model, preset="progressive", total_steps=10, sigma=0.5,
+                        example_input=x[:1])
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    model.train()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    ctl.step()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for n, p in model.named_parameters() if n.endswith("weight")
+               and p.dim() > 1)
+
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (4, 10) and torch.isfinite(out).all()
+    export_qonnx(model, args=x[:1], export_path=str(tmp_path / "q.onnx"), dynamo=False,
+                 opset_version=13)
+    export_onnx_qcdq(model, args=x[:1], export_path=str(tmp_path / "c.onnx"), dynamo=False,
+                     opset_version=13)
+    assert "Quant" in _ops(tmp_path / "q.onnx")
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(tmp_path / "c.onnx")
+
+
+def test_quantize_timm_errors():
+    with pytest.raises(ValueError, match="weight_bit_width"):
+        brevitas_ana.quantize_timm(nn.Sequential(nn.Linear(3, 3)), weight_bit_width=1)
+    with pytest.raises(ValueError, match="ana_nosie"):
+        brevitas_ana.quantize_timm(nn.Sequential(nn.Linear(3, 3)), ana_nosie="normal")
+    with pytest.raises(ValueError, match="no Conv2d or Linear"):
+        brevitas_ana.quantize_timm(nn.Sequential(nn.ReLU()))
