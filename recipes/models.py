@@ -1,0 +1,93 @@
+"""The recipes' networks, built with stock Brevitas quantisers or their ANA twins.
+
+Every model takes CIFAR-10 images as the data loader gives them: float tensors in [0, 1], NCHW,
+32x32. Per-model preprocessing (CNV's ``2x - 1``, the others' mean/std normalisation) is inside
+the model, so exported graphs take the same input.
+"""
+from __future__ import annotations
+
+import timm
+import torch
+import brevitas.nn as qnn
+from brevitas.quant import (Int8ActPerTensorFloat, Int8WeightPerTensorFloat,
+                            SignedTernaryActPerTensorConst, SignedTernaryWeightPerTensorConst)
+from brevitas_examples.bnn_pynq.models.CNV import CNV
+from torch import nn
+
+import brevitas_ana
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+MODELS = ("cnv", "vgg8", "resnet18")
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel, with constant buffers (exported as Sub/Div)."""
+
+    def __init__(self, mean=CIFAR10_MEAN, std=CIFAR10_STD):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class VGG8(nn.Module):
+    """The paper's CIFAR-10 network: conv 128-128-pool-256-256-pool-512-512-pool, FC
+    8192-1024-1024-10, BatchNorm after every conv/FC. Ternary weights and activations everywhere
+    except the input (8-bit input quantiser, 8-bit first-conv weights) and the last FC (8-bit)."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        tw, ta = SignedTernaryWeightPerTensorConst, SignedTernaryActPerTensorConst
+        layers = [Normalize(), qnn.QuantIdentity(act_quant=Int8ActPerTensorFloat)]
+        in_ch = 3
+        for i, (out_ch, pool) in enumerate([(128, False), (128, True), (256, False), (256, True),
+                                           (512, False), (512, True)]):
+            wq = dict(weight_quant=Int8WeightPerTensorFloat) if i == 0 else dict(weight_quant=tw)
+            layers += [qnn.QuantConv2d(in_ch, out_ch, 3, padding=1, bias=False, **wq),
+                       nn.BatchNorm2d(out_ch), qnn.QuantIdentity(act_quant=ta)]
+            if pool:
+                layers.append(nn.MaxPool2d(2))
+            in_ch = out_ch
+        layers.append(nn.Flatten())
+        for fin, fout in [(8192, 1024), (1024, 1024)]:
+            layers += [qnn.QuantLinear(fin, fout, bias=False, weight_quant=tw),
+                       nn.BatchNorm1d(fout), qnn.QuantIdentity(act_quant=ta)]
+        layers += [qnn.QuantLinear(1024, num_classes, bias=False,
+                                   weight_quant=Int8WeightPerTensorFloat),
+                   nn.BatchNorm1d(num_classes)]
+        self.features = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.features(x)
+
+
+def resnet18_cifar(weight_bit_width=4, act_bit_width=4, num_classes=10, **ana_options):
+    """timm resnet18 adapted to 32x32 inputs (3x3 stride-1 stem, no max-pool), converted with
+    :func:`brevitas_ana.quantize_timm` (first and last layer 8-bit)."""
+    model = timm.create_model("resnet18", pretrained=False, num_classes=num_classes)
+    model.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    model = nn.Sequential(Normalize(), model)
+    return brevitas_ana.quantize_timm(model, weight_bit_width=weight_bit_width,
+                                      act_bit_width=act_bit_width, **ana_options)
+
+
+def build_model(cfg) -> nn.Module:
+    """The network named by ``cfg.model`` with ANA (``cfg.quantiser == "ana"``) or stock
+    (``"ste"``) quantisers; everything else identical."""
+    ana = dict(noise=cfg.noise, strategy=cfg.strategy, annealed_grad=cfg.annealed_grad)
+    if cfg.model == "cnv":
+        model = CNV(num_classes=10, weight_bit_width=cfg.weight_bit_width,
+                    act_bit_width=cfg.act_bit_width, in_bit_width=cfg.in_bit_width, in_ch=3)
+    elif cfg.model == "vgg8":
+        model = VGG8()
+    elif cfg.model == "resnet18":
+        model = resnet18_cifar(cfg.weight_bit_width, cfg.act_bit_width,
+                               **{f"ana_{k}": v for k, v in ana.items()})
+        return model if cfg.quantiser == "ana" else brevitas_ana.to_stock(model)
+    else:
+        raise ValueError(f"model: unknown model {cfg.model!r}; known: {MODELS}")
+    return brevitas_ana.to_ana(model, **ana) if cfg.quantiser == "ana" else model

@@ -1,0 +1,83 @@
+"""Draw a training run's curves from its metrics.csv.
+
+    python recipes/plot.py runs/cnv_w2a2            # reads runs/cnv_w2a2/metrics.csv
+    python recipes/plot.py metrics.csv --out-dir plots
+
+Writes ``accuracy.png``, ``loss.png`` and ``sigma.png`` (sigma per ANA group over epochs).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+
+def read_metrics(path: Path):
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def _column(rows, key):
+    return [float(r[key]) if r.get(key) not in (None, "") else float("nan") for r in rows]
+
+
+def plot_metrics(csv_path, out_dir=None):
+    """Write the three PNGs next to ``csv_path`` (or into ``out_dir``); returns their paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    csv_path = Path(csv_path)
+    out_dir = Path(out_dir) if out_dir else csv_path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = read_metrics(csv_path)
+    epochs = _column(rows, "epoch")
+    written = []
+    for name, keys, ylabel in (("accuracy", ("train_acc", "eval_acc"), "top-1 accuracy (%)"),
+                               ("loss", ("train_loss", "eval_loss"), "loss")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for k in keys:
+            ax.plot(epochs, _column(rows, k), marker="o", markersize=3,
+                    label=k.replace("_", " ") + (" (noise-free)" if k.startswith("eval") else ""))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        written.append(out_dir / f"{name}.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    sigma_keys = [k for k in rows[0] if k.startswith("sigma/")]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k in sigma_keys:
+        ax.plot(epochs, _column(rows, k), label=k[len("sigma/"):])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("sigma at epoch end (steps)")
+    ax.set_title("ANA noise per group" if sigma_keys else "no ANA quantisers (STE run)")
+    if sigma_keys:
+        ax.legend(fontsize="x-small", ncol=2)
+    fig.tight_layout()
+    written.append(out_dir / "sigma.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    return written
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Redraw a run's plots from its metrics.csv")
+    p.add_argument("path", help="run directory or metrics.csv")
+    p.add_argument("--out-dir", default=None, help="where to write the PNGs (default: beside)")
+    args = p.parse_args(argv)
+    path = Path(args.path)
+    csv_path = path / "metrics.csv" if path.is_dir() else path
+    if not csv_path.is_file():
+        sys.exit(f"error: {csv_path} not found")
+    for out in plot_metrics(csv_path, args.out_dir):
+        print(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,374 @@
+"""Train a quantised network on CIFAR-10 with ANA quantisers, with accelerate.
+
+    accelerate launch recipes/train_cifar10.py --config recipes/configs/cnv_w2a2.yaml
+    accelerate launch recipes/train_cifar10.py --config recipes/configs/vgg8_ternary.yaml \\
+        --preset homogeneous --noise logistic
+    accelerate launch recipes/train_cifar10.py --quantiser ste     # stock Brevitas baseline
+
+The same loop runs on one GPU, several GPUs (``accelerate launch --multi_gpu``) and several CPU
+processes (``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N``; plain
+``--cpu --num_processes N`` starts a single process). Every epoch it evaluates the noise-free
+quantised model, appends to ``metrics.csv`` and saves a resumable checkpoint; ``--resume latest``
+continues a stopped run exactly.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # recipes/ helpers, also under launch
+import brevitas_ana  # noqa: E402
+from config import ConfigError, parse_args, to_dict  # noqa: E402
+from data import datasets  # noqa: E402
+from models import build_model  # noqa: E402
+from plot import plot_metrics  # noqa: E402
+
+
+# Tests set this to kill the run (SIGKILL, no clean-up) right after that optimiser step.
+KILL_AT_STEP = int(os.environ.get("ANA_RECIPE_KILL_AT_STEP", "0"))
+
+
+class Progress:
+    """Epochs and optimiser steps done; checkpointed with the rest of the state."""
+
+    def __init__(self):
+        self.epoch, self.step = 0, 0
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "step": self.step}
+
+    def load_state_dict(self, state):
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+
+
+def sqr_hinge_loss(logits, labels):
+    """Squared hinge loss on +-1 one-hot targets (bnn_pynq's training loss)."""
+    target = nn.functional.one_hot(labels, logits.shape[1]).to(logits.dtype) * 2 - 1
+    return torch.clamp(1 - logits * target, min=0).pow(2).mean()
+
+
+def make_scheduler(cfg, optimizer):
+    if cfg.lr_schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step_epochs, cfg.lr_gamma)
+    if cfg.lr_schedule == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.lr_milestones, cfg.lr_gamma)
+    if cfg.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+
+def checkpoints(run_dir: Path):
+    """Complete checkpoints (renamed into place only once fully written), oldest first."""
+    root = run_dir / "checkpoints"
+    return sorted(p for p in root.glob("epoch_*") if p.is_dir()) if root.is_dir() else []
+
+
+def find_checkpoint(resume: str, run_dir: Path) -> Path:
+    if resume == "latest":
+        found = checkpoints(run_dir)
+        if not found:
+            raise FileNotFoundError(f"resume: no checkpoint in {run_dir / 'checkpoints'}")
+        return found[-1]
+    path = Path(resume)
+    if path.is_dir() and (path / "checkpoints").is_dir():  # a run directory
+        return find_checkpoint("latest", path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"resume: {path} is not a checkpoint directory")
+    return path
+
+
+def save_checkpoint(accelerator, run_dir: Path, epoch: int, keep: int):
+    """Write to a temporary folder, then rename: a killed run never leaves a partial checkpoint
+    that looks complete."""
+    final = run_dir / "checkpoints" / f"epoch_{epoch:04d}"
+    tmp = run_dir / "checkpoints" / f".tmp_epoch_{epoch:04d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def write_json(path: Path, data):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def evaluate(model, loader, criterion, accelerator, desc):
+    """Loss and top-1 accuracy (%) of the model in eval mode: ANA quantisers are noise-free."""
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    with torch.no_grad():
+        for images, labels in tqdm(loader, desc=desc, leave=False,
+                                   disable=not accelerator.is_local_main_process):
+            logits = model(images)
+            logits, labels = accelerator.gather_for_metrics((logits, labels))
+            loss_sum += criterion(logits.float(), labels).item() * len(labels)
+            correct += (logits.argmax(1) == labels).sum().item()
+            count += len(labels)
+    return loss_sum / max(count, 1), 100.0 * correct / max(count, 1)
+
+
+def rank_agreement(accelerator, model) -> bool:
+    """True when every process holds bit-identical parameters and ANA noise."""
+    if accelerator.num_processes == 1:
+        return True
+    values = [p.detach().double().sum() for p in model.parameters()]
+    values += [torch.tensor([m.sigma, m.mu], dtype=torch.float64)
+               for _, m in brevitas_ana.ana_quantizers(model)]
+    fingerprint = torch.cat([v.reshape(-1) for v in values]).to(accelerator.device)
+    everyone = accelerator.gather(fingerprint[None])
+    return bool((everyone == everyone[0]).all().item())
+
+
+def export_onnx(model, run_dir: Path, accelerator):
+    """QONNX and QCDQ ONNX of the trained network (stock quantisers, eval mode)."""
+    from brevitas.export import export_onnx_qcdq, export_qonnx
+    out = run_dir / "export"
+    out.mkdir(exist_ok=True)
+    model = brevitas_ana.to_stock(model).eval().cpu()
+    x = torch.rand(1, 3, 32, 32)
+    written = {}
+    for name, fn in (("qonnx", export_qonnx), ("qcdq", export_onnx_qcdq)):
+        path = out / f"model_{name}.onnx"
+        try:
+            fn(model, args=x, export_path=str(path), dynamo=False, opset_version=13)
+            written[name] = str(path)
+        except Exception as e:  # e.g. stock QCDQ refuses binary quantisers
+            accelerator.print(f"export {name}: skipped ({type(e).__name__}: {e})")
+    return written
+
+
+def main(argv=None):
+    try:
+        cfg = parse_args(argv)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    run_dir = Path(cfg.output_dir)
+
+    # --- accelerate -----------------------------------------------------------------------
+    try:
+        import tensorboard  # noqa: F401
+        log_with = "tensorboard"
+    except ImportError:
+        log_with = None
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=str(run_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    set_seed(cfg.seed)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", to_dict(cfg))
+    accelerator.wait_for_everyone()
+
+    # --- data -------------------------------------------------------------------------------
+    with accelerator.main_process_first():
+        try:
+            train_set, eval_set, test_set = datasets(cfg.data_dir, cfg.download, cfg.val_split,
+                                                     cfg.subset, cfg.seed)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: {e}")
+    loader = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                  persistent_workers=cfg.num_workers > 0)
+    train_dl = DataLoader(train_set, shuffle=True, drop_last=True, **loader)
+    eval_dl = DataLoader(eval_set, shuffle=False, **loader)
+    test_dl = DataLoader(test_set, shuffle=False, **loader)
+    if len(train_dl) == 0:
+        sys.exit(f"error: batch_size {cfg.batch_size} is larger than the training set "
+                 f"({len(train_set)} images)")
+
+    # --- model, ANA controller, optimiser ---------------------------------------------------
+    model = build_model(cfg)
+    steps_per_epoch = math.ceil(len(train_dl) / accelerator.num_processes)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    controller = None
+    if cfg.quantiser == "ana":
+        controller = brevitas_ana.AnaController(
+            model, preset=cfg.preset, total_steps=total_steps, sigma=cfg.sigma, mu=cfg.mu,
+            time_unit="epoch", steps_per_epoch=steps_per_epoch,
+            example_input=torch.rand(2, 3, 32, 32))
+    if cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay)
+    scheduler = make_scheduler(cfg, optimizer)
+    criterion = sqr_hinge_loss if cfg.loss == "sqr_hinge" else nn.functional.cross_entropy
+    # The lr scheduler is epoch-based and stepped here once per epoch: a prepared one would be
+    # stepped once per process.
+    model, optimizer, train_dl, eval_dl, test_dl = accelerator.prepare(
+        model, optimizer, train_dl, eval_dl, test_dl)
+    net = accelerator.unwrap_model(model)
+    progress = Progress()
+    accelerator.register_for_checkpointing(progress, scheduler)
+    if controller is not None:
+        accelerator.register_for_checkpointing(controller)
+
+    # --- resume -----------------------------------------------------------------------------
+    if cfg.resume:
+        try:
+            ckpt = find_checkpoint(cfg.resume, run_dir)
+            with brevitas_ana.keep_quant_modules():  # the optimiser holds the scale parameters
+                accelerator.load_state(str(ckpt))
+        except FileNotFoundError as e:
+            sys.exit(f"error: {e}")
+        except Exception as e:
+            sys.exit(f"error: resume: cannot load {cfg.resume!r} into a {cfg.model} "
+                     f"(W{cfg.weight_bit_width}A{cfg.act_bit_width}, {cfg.quantiser}) run: "
+                     f"{type(e).__name__}: {e}")
+        accelerator.print(f"resumed from {ckpt} at epoch {progress.epoch}, step {progress.step}")
+    metrics_path = run_dir / "metrics.csv"
+    if accelerator.is_main_process and metrics_path.exists():  # drop epochs the resume redoes
+        with open(metrics_path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= progress.epoch]
+        if rows:
+            with open(metrics_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        else:
+            metrics_path.unlink()
+    accelerator.init_trackers("tensorboard", config={k: v for k, v in to_dict(cfg).items()
+                                             if isinstance(v, (int, float, str, bool))})
+
+    # --- train ------------------------------------------------------------------------------
+    main_proc = accelerator.is_local_main_process
+    t_start = time.time()
+    train_images, train_seconds, agree = 0, 0.0, True
+    epoch_bar = tqdm(total=cfg.epochs, initial=progress.epoch, desc="epochs", position=0,
+                     disable=not main_proc)
+    while progress.epoch < cfg.epochs and not (cfg.max_steps and progress.step >= cfg.max_steps):
+        model.train()
+        if hasattr(train_dl, "set_epoch"):
+            train_dl.set_epoch(progress.epoch)
+        loss_sum = torch.zeros((), device=accelerator.device)
+        correct = torch.zeros((), device=accelerator.device)
+        seen, t0 = 0, time.time()
+        bar = tqdm(total=len(train_dl), desc=f"epoch {progress.epoch + 1}/{cfg.epochs}",
+                   position=1, leave=False, disable=not main_proc)
+        for images, labels in train_dl:
+            logits = model(images)
+            loss = criterion(logits.float(), labels)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cfg.clip_weights is not None:
+                with torch.no_grad():
+                    for m in net.modules():
+                        if isinstance(m, (nn.Conv2d, nn.Linear)):
+                            m.weight.clamp_(-cfg.clip_weights, cfg.clip_weights)
+            if controller is not None:
+                controller.step()
+            progress.step += 1
+            if progress.step == KILL_AT_STEP:  # fault injection for the resume tests
+                os.kill(os.getpid(), signal.SIGKILL)
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.argmax(1) == labels).sum()
+            seen += len(labels)
+            postfix = {"loss": f"{loss_sum.item() / seen:.3f}",
+                       "acc": f"{100 * correct.item() / seen:.1f}",
+                       "img/s": f"{seen * accelerator.num_processes / (time.time() - t0):.0f}"}
+            if controller is not None:
+                s = list(controller.sigmas().values())
+                postfix["sigma"] = f"{min(s):.3g}..{max(s):.3g}"
+            bar.set_postfix(postfix, refresh=False)
+            bar.update()
+            if cfg.max_steps and progress.step >= cfg.max_steps:
+                break
+        bar.close()
+        seconds = time.time() - t0
+        scheduler.step()
+        # global training statistics of the epoch
+        totals = accelerator.reduce(torch.stack([loss_sum, correct.float(),
+                                                 torch.tensor(float(seen),
+                                                              device=accelerator.device)]),
+                                    reduction="sum")
+        train_loss, train_acc = (totals[0] / totals[2]).item(), (100 * totals[1] / totals[2]).item()
+        images_per_s = totals[2].item() / seconds
+        train_images += int(totals[2].item())
+        train_seconds += seconds
+        eval_loss, eval_acc = evaluate(model, eval_dl, criterion, accelerator, "eval")
+        agree = agree and rank_agreement(accelerator, net)
+        progress.epoch += 1
+        row = {"epoch": progress.epoch, "step": progress.step,
+               "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
+               "train_acc": train_acc, "eval_loss": eval_loss, "eval_acc": eval_acc,
+               "images_per_s": images_per_s}
+        if controller is not None:
+            row.update({f"sigma/{g}": s for g, s in controller.sigmas().items()})
+            row.update({f"mu/{g}": m for g, m in controller.mus().items()})
+        accelerator.log(row, step=progress.step)
+        if accelerator.is_main_process:
+            new = not metrics_path.exists()
+            with open(metrics_path, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(row))
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+        save_checkpoint(accelerator, run_dir, progress.epoch, cfg.keep_checkpoints)
+        epoch_bar.update()
+        accelerator.print(
+            f"epoch {progress.epoch}/{cfg.epochs}: train loss {train_loss:.4f} acc "
+            f"{train_acc:.2f}% | eval (noise-free) loss {eval_loss:.4f} acc {eval_acc:.2f}% | "
+            f"{images_per_s:.0f} img/s" + ("" if agree else " | RANKS DISAGREE"))
+    epoch_bar.close()
+
+    # --- the exact quantised model on the test set, results, plots, export ------------------
+    test_loss, test_acc = evaluate(model, test_dl, criterion, accelerator, "test")
+    agree = agree and rank_agreement(accelerator, net)
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        import accelerate
+        import brevitas
+        import timm
+        results = {
+            "config": to_dict(cfg), "test_acc": test_acc, "test_loss": test_loss,
+            "epochs": progress.epoch, "steps": progress.step,
+            "world_size": accelerator.num_processes, "ranks_agree": agree,
+            "wall_time_s": time.time() - t_start,
+            "train_images_per_s": train_images / train_seconds if train_seconds else None,
+            "device": str(accelerator.device), "mixed_precision": cfg.mixed_precision,
+            "versions": {"torch": torch.__version__, "brevitas": brevitas.__version__,
+                         "brevitas_ana": brevitas_ana.__version__,
+                         "accelerate": accelerate.__version__, "timm": timm.__version__,
+                         "python": sys.version.split()[0]}}
+        torch.save(net.state_dict(), run_dir / "model.pt.tmp")
+        os.replace(run_dir / "model.pt.tmp", run_dir / "model.pt")
+        if metrics_path.exists():
+            plot_metrics(metrics_path)
+        if controller is not None:
+            controller.plot(run_dir / "sigma_schedule.png")
+        if cfg.export:
+            results["export"] = export_onnx(net, run_dir, accelerator)
+        write_json(run_dir / "results.json", results)
+        accelerator.print(f"test accuracy (exact quantised model): {test_acc:.2f}% -> "
+                          f"{run_dir / 'results.json'}")
+    if not agree:
+        sys.exit("error: processes ended with different parameters or noise")
+
+
+if __name__ == "__main__":
+    main()

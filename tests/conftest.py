@@ -1,0 +1,34 @@
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def write_tiny_cifar(root: Path, per_batch: int = 24, test_size: int = 40, seed: int = 0) -> Path:
+    """A CIFAR-10 folder in torchvision's python layout with a few images per batch. Each class
+    has its own mean colour, so a network can learn something in a few steps."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = rng.integers(30, 225, size=(10, 3))
+
+    def batch(n, name):
+        labels = rng.integers(0, 10, size=n)
+        images = colours[labels][:, :, None, None] + rng.normal(0, 25, size=(n, 3, 32, 32))
+        data = np.clip(images, 0, 255).astype(np.uint8).reshape(n, 3072)
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels.tolist(),
+                         b"batch_label": name.encode()}, f)
+
+    for i in range(1, 6):
+        batch(per_batch, f"data_batch_{i}")
+    batch(test_size, "test_batch")
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"class{i}".encode() for i in range(10)]}, f)
+    return Path(root)
+
+
+@pytest.fixture
+def tiny_cifar(tmp_path):
+    return write_tiny_cifar(tmp_path / "data")

@@ -1,0 +1,224 @@
+"""The CIFAR-10 recipe end to end on a tiny CIFAR-format data set built by the test."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "train_cifar10.py"
+sys.path.insert(0, str(ROOT / "recipes"))
+from config import Config, ConfigError, parse_args  # noqa: E402
+
+QUICK = ["--batch-size", "16", "--num-workers", "0"]
+
+
+def run(args, env=None, launcher=None, check=True, timeout=600):
+    cmd = (launcher or [sys.executable, str(RECIPE)]) + [str(a) for a in args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, **(env or {})))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
+
+
+def rows(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --- configuration --------------------------------------------------------------------------
+
+def test_default_is_cnv_w2a2_with_ana():
+    cfg = parse_args([])
+    assert (cfg.model, cfg.weight_bit_width, cfg.act_bit_width, cfg.quantiser, cfg.preset,
+            cfg.data_dir) == ("cnv", 2, 2, "ana", "progressive", "./data")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "configs").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_config_loads_and_ste_changes_only_the_quantiser(path):
+    ana = parse_args(["--config", str(path)])
+    ste = parse_args(["--config", str(path), "--quantiser", "ste"])
+    assert ana.quantiser == "ana" and ste.quantiser == "ste"
+    assert {k: v for k, v in vars(ana).items() if k != "quantiser"} == \
+        {k: v for k, v in vars(ste).items() if k != "quantiser"}
+
+
+def test_overrides_are_typed():
+    cfg = parse_args(["--lr", "1e-3", "--epochs", "3", "--clip-weights", "null",
+                      "--lr-milestones", "[2, 5]", "--no-export", "--output-dir", "x/y"])
+    assert cfg.lr == 1e-3 and cfg.epochs == 3 and cfg.clip_weights is None
+    assert cfg.lr_milestones == [2, 5] and cfg.export is False and cfg.output_dir == "x/y"
+
+
+def test_vgg8_paper_setting():
+    cfg = parse_args(["--config", str(ROOT / "recipes/configs/vgg8_ternary.yaml"),
+                      "--preset", "homogeneous", "--noise", "logistic"])
+    assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.epochs, cfg.lr_milestones,
+            cfg.lr_gamma) == ("adam", 1e-3, 256, 500, [400], 0.1)
+    assert (cfg.preset, cfg.noise) == ("homogeneous", "logistic")
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--preset", "sync"], "preset must be one of"),
+    (["--noise", "gauss"], "noise must be one of"),
+    (["--epochs", "0"], "epochs must be > 0"),
+    (["--epochs", "two"], "epochs must be an integer"),
+    (["--lr", "fast"], "lr must be a number"),
+    (["--config", "nowhere.yaml"], "nowhere.yaml does not exist"),
+])
+def test_bad_values_name_the_field(argv, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_args(argv)
+
+
+def test_unknown_keys_are_named(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"model": "cnv", "learning_rate": 0.1}))
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key\(s\) \['learning_rate'\]"):
+        parse_args(["--config", str(bad)])
+    with pytest.raises(SystemExit):
+        parse_args(["--epoch", "3"])
+    assert "unrecognized arguments: --epoch 3" in capsys.readouterr().err
+
+
+def test_config_has_every_field_documented_in_a_yaml():
+    keys = set()
+    for path in (ROOT / "recipes" / "configs").glob("*.yaml"):
+        keys |= set(yaml.safe_load(path.read_text()))
+    assert keys <= set(vars(Config()))
+
+
+# --- data errors -----------------------------------------------------------------------------
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    proc = run(["--data-dir", tmp_path / "empty", "--no-download", "--output-dir",
+                tmp_path / "run"] + QUICK, check=False)
+    assert proc.returncode != 0
+    assert "CIFAR-10 not found in" in proc.stderr and "cifar-10-batches-py" in proc.stderr
+
+
+def test_corrupt_batch_is_named(tiny_cifar, tmp_path):
+    (tiny_cifar / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
+    proc = run(["--data-dir", tiny_cifar, "--output-dir", tmp_path / "run"] + QUICK, check=False)
+    assert proc.returncode != 0 and "data_batch_3 is not a readable CIFAR-10 batch" in proc.stderr
+
+
+# --- end to end ------------------------------------------------------------------------------
+
+def test_full_run_writes_everything(tiny_cifar, tmp_path):
+    out = tmp_path / "run"
+    run(["--data-dir", tiny_cifar, "--epochs", "2", "--output-dir", out] + QUICK)
+    results = json.loads((out / "results.json").read_text())
+    assert results["epochs"] == 2 and results["world_size"] == 1 and results["ranks_agree"]
+    assert 0 <= results["test_acc"] <= 100 and results["train_images_per_s"] > 0
+    assert set(results["versions"]) >= {"torch", "brevitas", "brevitas_ana", "accelerate"}
+    table = rows(out)
+    assert [int(r["epoch"]) for r in table] == [1, 2]
+    sigma_cols = [k for k in table[0] if k.startswith("sigma/")]
+    assert len(sigma_cols) == 10  # CNV: input quantiser + 9 layers
+    assert float(table[0][sigma_cols[0]]) < float(table[0][sigma_cols[-1]])  # progressive
+    assert all(float(table[-1][k]) == 0.0 for k in sigma_cols)  # annealed by the end
+    assert {"train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "images_per_s"} <= set(
+        table[0])
+    for png in ("accuracy.png", "loss.png", "sigma.png", "sigma_schedule.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["epoch_0001",
+                                                                          "epoch_0002"]
+    assert set(results["export"]) == {"qonnx", "qcdq"}
+    assert all(Path(p).stat().st_size > 1000 for p in results["export"].values())
+    state = torch.load(out / "model.pt")
+    assert any(k.endswith("weight") for k in state)
+
+
+@pytest.mark.parametrize("config", ["cnv_w1a1", "vgg8_ternary", "resnet18_w4a4"])
+@pytest.mark.parametrize("quantiser", ["ana", "ste"])
+def test_every_recipe_trains_a_few_steps(config, quantiser, tiny_cifar, tmp_path):
+    out = tmp_path / "run"
+    run(["--config", ROOT / "recipes/configs" / f"{config}.yaml", "--data-dir", tiny_cifar,
+         "--epochs", "1", "--max-steps", "2", "--batch-size", "8", "--num-workers", "0",
+         "--quantiser", quantiser, "--no-export", "--output-dir", out])
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 2 and results["config"]["quantiser"] == quantiser
+    has_sigma = any(k.startswith("sigma/") for k in rows(out)[0])
+    assert has_sigma == (quantiser == "ana")
+
+
+def test_bf16_mixed_precision_on_cpu(tiny_cifar, tmp_path):
+    out = tmp_path / "run"
+    run(["--data-dir", tiny_cifar, "--epochs", "1", "--max-steps", "3", "--mixed-precision",
+         "bf16", "--no-export", "--output-dir", out] + QUICK)
+    results = json.loads((out / "results.json").read_text())
+    assert results["mixed_precision"] == "bf16" and results["steps"] == 3
+    assert all(float(v) == float(v) for k, v in rows(out)[0].items() if "loss" in k)  # no NaN
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny_cifar, tmp_path):
+    args = ["--data-dir", tiny_cifar, "--epochs", "3", "--no-export"] + QUICK
+    run(args + ["--output-dir", tmp_path / "straight"])
+    out = tmp_path / "killed"
+    # 7 steps per epoch: step 10 is in the middle of epoch 2
+    proc = run(args + ["--output-dir", out], env={"ANA_RECIPE_KILL_AT_STEP": "10"}, check=False)
+    assert proc.returncode == -9
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["epoch_0001"]
+    epoch1 = (out / "checkpoints" / "epoch_0001" / "model.safetensors").read_bytes()
+    proc = run(args + ["--output-dir", out, "--resume", "latest"])
+    assert "resumed from" in proc.stdout + proc.stderr
+    a = json.loads((tmp_path / "straight" / "results.json").read_text())
+    b = json.loads((out / "results.json").read_text())
+    assert (b["epochs"], b["steps"]) == (a["epochs"], a["steps"]) == (3, 21)
+    assert b["test_acc"] == pytest.approx(a["test_acc"], abs=1e-9)
+    sa, sb = torch.load(tmp_path / "straight" / "model.pt"), torch.load(out / "model.pt")
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert [int(r["epoch"]) for r in rows(out)] == [1, 2, 3]
+    assert not list((out / "checkpoints").glob(".tmp*"))
+    assert not (out / "checkpoints" / "epoch_0001").exists()  # keep_checkpoints=2 rotated it
+    assert epoch1  # was complete when the run died
+
+
+def test_resume_errors(tiny_cifar, tmp_path):
+    out = tmp_path / "run"
+    proc = run(["--data-dir", tiny_cifar, "--output-dir", out, "--resume", "latest"] + QUICK,
+               check=False)
+    assert proc.returncode != 0 and "no checkpoint in" in proc.stderr
+    run(["--data-dir", tiny_cifar, "--epochs", "1", "--no-export", "--output-dir", out] + QUICK)
+    proc = run(["--config", ROOT / "recipes/configs/vgg8_ternary.yaml", "--data-dir", tiny_cifar,
+                "--output-dir", tmp_path / "other", "--resume", out, "--epochs", "2"] + QUICK,
+               check=False)
+    assert proc.returncode != 0 and "resume: cannot load" in proc.stderr and "vgg8" in proc.stderr
+    ckpt = out / "checkpoints" / "epoch_0001"
+    (ckpt / "model.safetensors").write_bytes(b"garbage")
+    proc = run(["--data-dir", tiny_cifar, "--output-dir", out, "--resume", "latest", "--epochs",
+                "2"] + QUICK, check=False)
+    assert proc.returncode != 0 and "resume: cannot load" in proc.stderr
+
+
+def test_two_cpu_processes_agree(tiny_cifar, tmp_path):
+    out = tmp_path / "run"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no", str(RECIPE)]
+    run(["--data-dir", tiny_cifar, "--epochs", "2", "--batch-size", "8", "--num-workers", "0",
+         "--no-export", "--output-dir", out], env={"ACCELERATE_USE_CPU": "1"}, launcher=launcher)
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2 and results["ranks_agree"] is True
+    assert results["steps"] == 2 * 7  # 120 images / (8 per batch x 2 ranks), per epoch
+
+
+def test_plot_cli_redraws(tiny_cifar, tmp_path):
+    out = tmp_path / "run"
+    run(["--data-dir", tiny_cifar, "--epochs", "1", "--max-steps", "2", "--no-export",
+         "--output-dir", out] + QUICK)
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "plot.py"), str(out),
+                           "--out-dir", str(tmp_path / "plots")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["accuracy.png", "loss.png",
+                                                                        "sigma.png"]
