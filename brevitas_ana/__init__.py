@@ -23,7 +23,8 @@ from brevitas_ana.schedules import make_schedule  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["ana_round", "functional", "noise", "schedules", "NoiseFamily", "get_noise",
-           "register_noise", "AnaQuantMixin", "ana_quant", "stock_quant", "ana_quantizers",
-           "keep_quant_modules", "set_noise", "AnaController", "PRESETS", "make_schedule", "to_ana", "to_stock",
-           "quantize_timm", "__version__"]
+__all__ = [
+    "ana_round", "functional", "noise", "schedules", "NoiseFamily", "get_noise", "register_noise",
+    "AnaQuantMixin", "ana_quant", "stock_quant", "ana_quantizers", "keep_quant_modules",
+    "set_noise", "AnaController", "PRESETS", "make_schedule", "to_ana", "to_stock",
+    "quantize_timm", "__version__"]

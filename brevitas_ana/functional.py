@@ -32,6 +32,12 @@ ANNEALED_GRADS = ("ste", "zero")
 
 Number = Union[float, int, Tensor]
 
+#: Noise with a standard deviation below this many steps counts as annealed (sigma = 0): it is
+#: below float32 resolution for the values a quantiser sees, and its exact gradient (about
+#: 1 / (3.5 sigma) at a threshold) would overflow fp16 (and, far below, float32) into inf/NaN.
+#: Schedules with large exponents reach such values long before their window ends.
+SIGMA_MIN = 1e-4
+
 
 def _scalar(name: str, value: Number) -> float:
     if isinstance(value, Tensor):
@@ -209,7 +215,8 @@ def ana_round(y: Tensor, lo: Number, hi: Number, noise: Union[str, NoiseFamily] 
 
     The gradient with respect to ``y`` is ``sum_k f((y+mu-t_k)/sigma)/sigma`` for all three.
 
-    With ``sigma == 0`` the noise has been annealed away: the output is exactly
+    With ``sigma == 0`` (in practice ``sigma < SIGMA_MIN = 1e-4``) the noise has been annealed
+    away: the output is exactly
     ``clamp(round(y), lo, hi)`` (``mu`` is ignored), and the gradient is Brevitas' round-STE one
     (``annealed_grad="ste"``: 1 where ``lo <= round(y) <= hi``, else 0) or the stair's true
     derivative, 0 everywhere (``annealed_grad="zero"``, the reference code's behaviour, which stops
@@ -223,7 +230,7 @@ def ana_round(y: Tensor, lo: Number, hi: Number, noise: Union[str, NoiseFamily] 
     lo, hi = _bound("lo", lo), _bound("hi", hi)
     if lo > hi:
         raise ValueError(f"lo must not exceed hi, got lo={lo}, hi={hi}")
-    if sigma == 0.0:
+    if sigma < SIGMA_MIN:
         if annealed_grad == "zero":
             return torch.clamp(torch.round(y), lo, hi)
         # Brevitas' TensorClamp, whose gradient also passes at round(y) == lo or hi

@@ -30,7 +30,7 @@ from brevitas.quant import (Int8ActPerTensorFloat, Int8WeightPerChannelFloat,
                             SignedTernaryWeightPerTensorConst, Uint8ActPerTensorFloat)
 from torch import Tensor, nn
 
-from brevitas_ana.functional import ana_round, check_noise_args
+from brevitas_ana.functional import SIGMA_MIN, ana_round, check_noise_args
 from brevitas_ana.noise import get_noise
 
 __all__ = [
@@ -80,7 +80,7 @@ class AnaQuantMixin:
     def stock_path(self) -> bool:
         """True when the output must be the stock quantiser's: eval mode, or noise annealed away
         with Brevitas' STE as the gradient."""
-        return not self.training or (self.sigma == 0.0 and self.annealed_grad == "ste")
+        return not self.training or (self.sigma < SIGMA_MIN and self.annealed_grad == "ste")
 
     def noise_args(self):
         return dict(noise=self.noise, sigma=self.sigma, mu=self.mu, strategy=self.strategy,
@@ -100,6 +100,17 @@ def _check_round(float_to_int_impl):
 
 
 class _AnaIntMixin(AnaQuantMixin):
+    """ANA ``to_int`` for IntQuant-like modules (same constructor, same ``to_int`` signature)."""
+
+    def __init__(self, narrow_range: bool, signed: bool, input_view_impl: nn.Module,
+                 float_to_int_impl: nn.Module = RoundSte(),
+                 tensor_clamp_impl: nn.Module = TensorClamp(), quant_delay_steps: int = 0,
+                 ana_noise: str = "uniform", ana_strategy: str = "expectation",
+                 ana_annealed_grad: str = "ste", ana_sigma: float = 0.0, ana_mu: float = 0.0):
+        super().__init__(narrow_range, signed, input_view_impl, float_to_int_impl,
+                         tensor_clamp_impl, quant_delay_steps)
+        _check_round(float_to_int_impl)
+        self._init_ana(ana_noise, ana_strategy, ana_annealed_grad, ana_sigma, ana_mu)
 
     def to_int(self, scale: Tensor, zero_point: Tensor, bit_width: Tensor, x: Tensor) -> Tensor:
         """``y = x / scale + zero_point``, then ``ana_round(y, min_int, max_int, ...)``."""
@@ -122,29 +133,9 @@ class _AnaIntMixin(AnaQuantMixin):
 class AnaIntQuant(_AnaIntMixin, IntQuant):
     """:class:`brevitas.core.quant.IntQuant` whose rounding is ANA while training with noise."""
 
-    def __init__(self, narrow_range: bool, signed: bool, input_view_impl: nn.Module,
-                 float_to_int_impl: nn.Module = RoundSte(),
-                 tensor_clamp_impl: nn.Module = TensorClamp(), quant_delay_steps: int = 0,
-                 ana_noise: str = "uniform", ana_strategy: str = "expectation",
-                 ana_annealed_grad: str = "ste", ana_sigma: float = 0.0, ana_mu: float = 0.0):
-        super().__init__(narrow_range, signed, input_view_impl, float_to_int_impl,
-                         tensor_clamp_impl, quant_delay_steps)
-        _check_round(float_to_int_impl)
-        self._init_ana(ana_noise, ana_strategy, ana_annealed_grad, ana_sigma, ana_mu)
-
 
 class AnaDecoupledIntQuant(_AnaIntMixin, DecoupledIntQuant):
     """:class:`DecoupledIntQuant` (rounds with the pre-scale) with ANA rounding."""
-
-    def __init__(self, narrow_range: bool, signed: bool, input_view_impl: nn.Module,
-                 float_to_int_impl: nn.Module = RoundSte(),
-                 tensor_clamp_impl: nn.Module = TensorClamp(), quant_delay_steps: int = 0,
-                 ana_noise: str = "uniform", ana_strategy: str = "expectation",
-                 ana_annealed_grad: str = "ste", ana_sigma: float = 0.0, ana_mu: float = 0.0):
-        super().__init__(narrow_range, signed, input_view_impl, float_to_int_impl,
-                         tensor_clamp_impl, quant_delay_steps)
-        _check_round(float_to_int_impl)
-        self._init_ana(ana_noise, ana_strategy, ana_annealed_grad, ana_sigma, ana_mu)
 
 
 class _AnaBinaryMixin(AnaQuantMixin):
@@ -160,7 +151,7 @@ class _AnaBinaryMixin(AnaQuantMixin):
         scale = self.scaling_impl(x)
         # y = x / (2 scale) + 1/2 and out = 2 scale q - scale, one fused op each
         y = torch.addcmul(scale.new_tensor(0.5), x, 0.5 / scale)
-        if self.sigma == 0.0:  # annealed, zero gradient; same tie at 0 as binary_sign
+        if self.sigma < SIGMA_MIN:  # annealed, zero gradient; same tie at 0 as binary_sign
             q = (y >= 0.5).to(y.dtype)
         else:
             q = ana_round(y, 0, 1, **self.noise_args())

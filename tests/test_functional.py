@@ -153,6 +153,23 @@ def test_sigma_zero_is_exact_quantiser_with_selected_gradient(strategy):
         assert torch.equal(t.grad, want_grad.float()), annealed_grad
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vanishing_sigma_is_annealed_not_nan(family, dtype):
+    # progressive schedules reach sigmas like 1e-55 before their window closes
+    y = (torch.randn(1000, dtype=dtype) * 3).requires_grad_()
+    for sigma in (1e-55, 1e-20, 0.99e-4):
+        out = ana_round(y, -2, 1, family, sigma)
+        out.sum().backward()
+        assert torch.equal(out, torch.clamp(torch.round(y.detach()), -2, 1))
+        assert torch.isfinite(y.grad).all() and set(y.grad.unique().tolist()) <= {0.0, 1.0}
+        y.grad = None
+    # from SIGMA_MIN on, real (steep) noise: finite, large slopes next to the thresholds
+    y = torch.tensor([-1.5 + 5e-5, -0.5, 0.5 - 5e-5], dtype=dtype, requires_grad=True)
+    ana_round(y, -2, 1, family, 1e-4).sum().backward()
+    assert torch.isfinite(y.grad).all() and (y.grad > 1000).all()
+
+
 @pytest.mark.parametrize("family", ["normal", "logistic"])
 @pytest.mark.parametrize("sigma", [0.05, 1.0, 3.0])
 def test_truncation_error_within_documented_bound(family, sigma):
