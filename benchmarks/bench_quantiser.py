@@ -96,7 +96,7 @@ def main(argv=None):
     p.add_argument("--strategy", default="expectation",
                    choices=brevitas_ana.functional.STRATEGIES)
     p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--repeats", type=int, default=7, help="timed steps per model")
+    p.add_argument("--repeats", type=int, default=9, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
