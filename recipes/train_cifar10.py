@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import shutil
 import signal
@@ -200,16 +199,6 @@ def main(argv=None):
 
     # --- model, ANA controller, optimiser ---------------------------------------------------
     model = build_model(cfg)
-    steps_per_epoch = math.ceil(len(train_dl) / accelerator.num_processes)
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    controller = None
-    if cfg.quantiser == "ana":
-        controller = brevitas_ana.AnaController(
-            model, preset=cfg.preset, total_steps=total_steps, sigma=cfg.sigma, mu=cfg.mu,
-            time_unit="epoch", steps_per_epoch=steps_per_epoch,
-            example_input=torch.rand(2, 3, 32, 32))
     if cfg.optimizer == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
@@ -222,6 +211,17 @@ def main(argv=None):
     model, optimizer, train_dl, eval_dl, test_dl = accelerator.prepare(
         model, optimizer, train_dl, eval_dl, test_dl)
     net = accelerator.unwrap_model(model)
+    # after prepare, len(train_dl) is this process's share: the steps every process takes
+    steps_per_epoch = len(train_dl)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    controller = None
+    if cfg.quantiser == "ana":
+        controller = brevitas_ana.AnaController(
+            net, preset=cfg.preset, total_steps=total_steps, sigma=cfg.sigma, mu=cfg.mu,
+            time_unit="epoch", steps_per_epoch=steps_per_epoch,
+            example_input=torch.rand(2, 3, 32, 32, device=accelerator.device))
     progress = Progress()
     accelerator.register_for_checkpointing(progress, scheduler)
     if controller is not None:

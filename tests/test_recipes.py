@@ -210,6 +210,10 @@ def test_two_cpu_processes_agree(tiny_cifar, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2 and results["ranks_agree"] is True
     assert results["steps"] == 2 * 7  # 120 images / (8 per batch x 2 ranks), per epoch
+    # the schedule is timed in per-process steps, so it ends exactly with the run
+    last = rows(out)[-1]
+    assert all(float(v) == 0.0 for k, v in last.items() if k.startswith("sigma/"))
+    assert float(rows(out)[0]["sigma/linear_features.6"]) > 0
 
 
 def test_plot_cli_redraws(tiny_cifar, tmp_path):
