@@ -136,7 +136,7 @@ class AnaController:
 
     # --- ordering and grouping -------------------------------------------------------------
     def _record_order(self):
-        order, by_module = [], {id(m): n for n, m in self._quantizers.items()}
+        order, seen, by_module = [], set(), {id(m): n for n, m in self._quantizers.items()}
 
         def hook(module, args):
             name = by_module[id(module)]
@@ -144,7 +144,6 @@ class AnaController:
                 seen.add(name)
                 order.append(name)
 
-        seen = set()
         handles = [m.register_forward_pre_hook(hook) for m in self._quantizers.values()]
         return order, handles
 
