@@ -125,7 +125,6 @@ class AnaController:
             raise ValueError("model: no ANA quantiser found (use Ana* quantisers or to_ana first)")
         self._groups: Optional["OrderedDict[str, List[str]]"] = None
         self._schedules = None
-        self._hooks = []
         self._pending_state = None
         for m in self._quantizers.values():
             m.set_noise(self.sigma0, self.mu0)  # every preset starts at g = 1
@@ -168,11 +167,9 @@ class AnaController:
         def done(module, args, output):
             for h in handles + [root]:
                 h.remove()
-            self._hooks = []
             self._finish_ordering(order)
 
         root = self.model.register_forward_hook(done)
-        self._hooks = handles + [root]
 
     def _finish_ordering(self, order: List[str]):
         missing = [n for n in self._quantizers if n not in order]
@@ -180,7 +177,6 @@ class AnaController:
             warnings.warn(f"AnaController: quantisers never reached by the forward pass, put "
                           f"last: {missing}")
         order = order + missing
-        self._order = order
         self._groups = (self._match_groups(order) if self.group_patterns
                         else self._layer_groups(order))
         unknown = sorted(set(self.schedule_overrides) - set(self._groups) - {"*"})
@@ -352,11 +348,9 @@ class AnaController:
             self.step_count = int(state["step_count"])
             return
         saved, mine = state["config"], self._config()
-        diff = [k for k in mine if k in saved and saved[k] != mine[k]
-                ]
+        diff = [k for k in mine if k in saved and saved[k] != mine[k]]
         if diff:
             raise ValueError("state: saved controller differs in " + ", ".join(
                 f"{k} (saved {saved[k]!r}, here {mine[k]!r})" for k in diff))
         self.step_count = int(state["step_count"])
-        if self._groups is not None:
-            self.apply()
+        self.apply()

@@ -288,13 +288,14 @@ def main(argv=None):
             loss_sum += loss.detach() * len(labels)
             correct += (logits.argmax(1) == labels).sum()
             seen += len(labels)
-            postfix = {"loss": f"{loss_sum.item() / seen:.3f}",
-                       "acc": f"{100 * correct.item() / seen:.1f}",
-                       "img/s": f"{seen * accelerator.num_processes / (time.time() - t0):.0f}"}
-            if controller is not None:
-                s = list(controller.sigmas().values())
-                postfix["sigma"] = f"{min(s):.3g}..{max(s):.3g}"
-            bar.set_postfix(postfix, refresh=False)
+            if main_proc and bar.n % 10 == 0:  # .item() waits for the device: not every step
+                postfix = {"loss": f"{loss_sum.item() / seen:.3f}",
+                           "acc": f"{100 * correct.item() / seen:.1f}",
+                           "img/s": f"{seen * accelerator.num_processes / (time.time() - t0):.0f}"}
+                if controller is not None:
+                    s = list(controller.sigmas().values())
+                    postfix["sigma"] = f"{min(s):.3g}..{max(s):.3g}"
+                bar.set_postfix(postfix, refresh=False)
             bar.update()
             if cfg.max_steps and progress.step >= cfg.max_steps:
                 break
