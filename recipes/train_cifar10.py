@@ -29,12 +29,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # recipes/ helpers, also under launch
-import brevitas_ana  # noqa: E402
-from config import ConfigError, parse_args, to_dict  # noqa: E402
-from data import datasets  # noqa: E402
-from models import build_model  # noqa: E402
-from plot import plot_metrics  # noqa: E402
+import brevitas_ana
+from brevitas_ana.recipes.config import ConfigError, parse_args, to_dict
+from brevitas_ana.recipes.data import datasets
+from brevitas_ana.recipes.models import build_model
+from brevitas_ana.recipes.plot import plot_metrics
 
 
 # Tests set this to kill the run (SIGKILL, no clean-up) right after that optimiser step.
@@ -141,22 +140,22 @@ def rank_agreement(accelerator, model) -> bool:
     return bool((everyone == everyone[0]).all().item())
 
 
-def export_onnx(model, run_dir: Path, accelerator):
-    """QONNX and QCDQ ONNX of the trained network (stock quantisers, eval mode)."""
-    from brevitas.export import export_onnx_qcdq, export_qonnx
-    out = run_dir / "export"
-    out.mkdir(exist_ok=True)
-    model = brevitas_ana.to_stock(model).eval().cpu()
-    x = torch.rand(1, 3, 32, 32)
-    written = {}
-    for name, fn in (("qonnx", export_qonnx), ("qcdq", export_onnx_qcdq)):
-        path = out / f"model_{name}.onnx"
-        try:
-            fn(model, args=x, export_path=str(path), dynamo=False, opset_version=13)
-            written[name] = str(path)
-        except Exception as e:  # e.g. stock QCDQ refuses binary quantisers
-            accelerator.print(f"export {name}: skipped ({type(e).__name__}: {e})")
-    return written
+def export_and_validate(net, test_set, run_dir: Path, accelerator, max_images: int = 500):
+    """QONNX, QCDQ and integer ONNX of the trained network in RUN/export, validated against it on
+    the first test images (the full export stage: ``export/export_qnn.py``)."""
+    from brevitas_ana.export import ExportError, export_qnn
+    from brevitas_ana.export.validate import table
+    n = min(max_images, len(test_set))
+    images = torch.stack([test_set[i][0] for i in range(n)])
+    labels = torch.tensor([int(test_set[i][1]) for i in range(n)])
+    try:
+        report = export_qnn(net, images, run_dir / "export", labels=labels)
+    except ExportError as e:
+        accelerator.print(f"export: failed: {e}")
+        return {"error": str(e)}
+    accelerator.print(table(report))
+    return {"passed": report["passed"], "report": str(run_dir / "export" / "report.json"),
+            **{fmt: row["file"] for fmt, row in report["formats"].items()}}
 
 
 def main(argv=None):
@@ -363,7 +362,7 @@ def main(argv=None):
         if controller is not None:
             controller.plot(run_dir / "sigma_schedule.png")
         if cfg.export:
-            results["export"] = export_onnx(net, run_dir, accelerator)
+            results["export"] = export_and_validate(net, test_set, run_dir, accelerator)
         write_json(run_dir / "results.json", results)
         accelerator.print(f"test accuracy (exact quantised model): {test_acc:.2f}% -> "
                           f"{run_dir / 'results.json'}")

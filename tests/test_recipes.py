@@ -12,8 +12,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train_cifar10.py"
-sys.path.insert(0, str(ROOT / "recipes"))
-from config import Config, ConfigError, parse_args  # noqa: E402
+
+from brevitas_ana.recipes.config import Config, ConfigError, parse_args  # noqa: E402
 
 QUICK = ["--batch-size", "16", "--num-workers", "0"]
 
@@ -132,8 +132,9 @@ def test_full_run_writes_everything(tiny_cifar, tmp_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["epoch_0001",
                                                                           "epoch_0002"]
-    assert set(results["export"]) == {"qonnx", "qcdq"}
-    assert all(Path(p).stat().st_size > 1000 for p in results["export"].values())
+    export = results["export"]
+    assert export["passed"] and json.loads(Path(export["report"]).read_text())["passed"]
+    assert all(Path(export[fmt]).stat().st_size > 1000 for fmt in ("qonnx", "qcdq", "int"))
     state = torch.load(out / "model.pt")
     assert any(k.endswith("weight") for k in state)
 

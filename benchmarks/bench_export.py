@@ -1,0 +1,70 @@
+"""onnxruntime latency of the exported integer graph vs the float ONNX of the same network.
+
+For one network (a recipe checkpoint, or a freshly initialised CNV W2A2 when none is given) the
+script builds, in one run, the three graphs onnxruntime can execute:
+
+    int    ConvInteger / MatMulInteger on the quantised integers (export/graphs.py, item 3)
+    qcdq   QuantizeLinear / Clip / DequantizeLinear around float Conv / MatMul
+    float  the same network with dequantised float weights and no activation quantisers
+
+and times each at batch 1 and batch 64 on the same input, interleaved over several rounds
+(best of the per-round medians), printing milliseconds per image and the ratios int / float and
+int / qcdq (below 1: the integer graph is faster).
+
+    python benchmarks/bench_export.py --checkpoint runs/cnv_w2a2
+    python benchmarks/bench_export.py --threads 1 --repeats 50
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from brevitas_ana.export import graphs, runtime
+
+
+def build(checkpoint):
+    if checkpoint:
+        from brevitas_ana.export.checkpoint import load_trained
+        model, cfg, _ = load_trained(checkpoint)
+        return model, f"{cfg.model} W{cfg.weight_bit_width}A{cfg.act_bit_width} from {checkpoint}"
+    from brevitas_examples.bnn_pynq.models.CNV import CNV
+    torch.manual_seed(0)
+    model = CNV(num_classes=10, weight_bit_width=2, act_bit_width=2, in_bit_width=8, in_ch=3)
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(16, 3, 32, 32))
+    return model.eval(), "CNV W2A2, freshly initialised"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", help="recipe run directory (default: fresh CNV W2A2)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per graph and round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all)")
+    args = p.parse_args(argv)
+
+    model, what = build(args.checkpoint)
+    images = np.random.default_rng(0).random((max(args.batches), 3, 32, 32), dtype=np.float32)
+    qonnx_model = graphs.qonnx_from_torch(model, torch.from_numpy(images[:1]))
+    qcdq = graphs.qonnx_to_qcdq(qonnx_model)
+    integer, _ = graphs.qcdq_to_integer(qcdq)
+    models = {"int": integer, "qcdq": qcdq, "float": graphs.qonnx_to_float(qonnx_model)}
+    print(f"{what}; onnxruntime {ort.__version__}, {platform.processor() or platform.machine()}, "
+          f"threads {args.threads or 'all'}")
+    print(f"{'batch':>5} {'int ms/img':>11} {'qcdq ms/img':>12} {'float ms/img':>13} "
+          f"{'int/float':>10} {'int/qcdq':>9}")
+    for batch in args.batches:
+        t = runtime.latencies(models, images, batch, args.repeats, args.rounds, args.threads)
+        print(f"{batch:>5} {t['int'] * 1e3:>11.3f} {t['qcdq'] * 1e3:>12.3f} "
+              f"{t['float'] * 1e3:>13.3f} {t['int'] / t['float']:>10.2f} "
+              f"{t['int'] / t['qcdq']:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()

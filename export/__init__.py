@@ -1,0 +1,14 @@
+"""The export stage: a trained QNN to QONNX (FINN), QCDQ ONNX and integer ONNX for onnxruntime,
+each validated against the PyTorch model.
+
+- :mod:`graphs`: how each graph is derived (QONNX -> QCDQ -> integer), the output quantum;
+- :mod:`runtime`: onnxruntime / qonnx execution, executed kernels, saturation probe, latency;
+- :mod:`validate`: the comparison figures and the report table;
+- :mod:`checkpoint`: rebuilding a network from a recipe run;
+- :mod:`export_qnn`: :func:`export_qnn` and the command line.
+"""
+from brevitas_ana.export.export_qnn import export_qnn
+from brevitas_ana.export.graphs import ExportError
+from brevitas_ana.export.validate import Tolerance
+
+__all__ = ["export_qnn", "ExportError", "Tolerance"]

@@ -1,0 +1,233 @@
+"""Export a trained QNN to QONNX, QCDQ ONNX and an integer ONNX graph, and validate each against
+the PyTorch model.
+
+    python export/export_qnn.py --checkpoint runs/cnv_w2a2 --output-dir runs/cnv_w2a2/export \\
+        --data-dir ../shared/data/cifar10
+    brevitas-ana-export --checkpoint runs/cnv_w2a2 --output-dir out      # the same, installed
+
+From Python::
+
+    from brevitas_ana.export import export_qnn
+    report = export_qnn(model, images, "out", labels=labels)
+
+Writes ``model_qonnx.onnx``, ``model_qcdq.onnx``, ``model_int.onnx`` and ``report.json`` (each
+complete or absent: written to a temporary name, then renamed), prints the report's tables and
+exits non-zero when an export disagrees with PyTorch beyond the tolerance, a quantised layer does
+not run as an integer kernel, or onnxruntime's integer kernels are wrong on this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import torch
+from tqdm.auto import tqdm
+
+from brevitas_ana.export import graphs, runtime
+from brevitas_ana.export.graphs import ExportError
+from brevitas_ana.export.validate import Tolerance, compare, table
+
+FORMATS = ("qonnx", "qcdq", "int")
+RECIPE_INPUT = ("float32 NCHW in [0, 1] (uint8 pixels / 255), as the recipes' test loader gives "
+                "them; the model's own preprocessing is inside the graph")
+
+
+def check_writable(output_dir) -> Path:
+    out = Path(output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ExportError(f"--output-dir: cannot write to {out}: {e.strerror or e}") from None
+    return out
+
+
+def check_trained(model: torch.nn.Module):
+    """Refuse a model whose activation scales were never estimated: Brevitas' runtime-statistics
+    scales only exist after a training forward pass (or loading trained weights)."""
+    from brevitas.core.scaling import ParameterFromRuntimeStatsScaling
+    never = [name for name, m in model.named_modules()
+             if isinstance(m, ParameterFromRuntimeStatsScaling) and int(m.counter) == 0]
+    if never:
+        raise ExportError(f"the model was never trained: {len(never)} activation scale(s) were "
+                          f"never estimated from data (e.g. {never[0]}); train it or load trained "
+                          f"weights first")
+
+
+def _save(model: onnx.ModelProto, path: Path):
+    """One self-contained file (no external data), renamed into place once complete."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        onnx.save_model(model, str(tmp), save_as_external_data=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def torch_logits(model, images: np.ndarray, batch_size: int) -> np.ndarray:
+    model.eval()
+    device = next(model.parameters()).device
+    outs = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(images), batch_size), desc="pytorch", leave=False):
+            x = torch.from_numpy(images[i:i + batch_size]).to(device)
+            outs.append(model(x).float().cpu().numpy())
+    return np.concatenate(outs)
+
+
+def export_qnn(model: torch.nn.Module, images, output_dir, labels=None,
+               formats: Sequence[str] = FORMATS, tolerance: Tolerance = Tolerance(),
+               batch_size: int = 100, input_description: str = RECIPE_INPUT,
+               name: str = "model") -> dict:
+    """Export ``model`` (ANA or stock quantisers) in ``formats`` to ``output_dir`` and validate
+    every file on ``images`` (an N x C x H x W float array or tensor, the model's input) against
+    the model in eval mode. Returns the report (also written to ``report.json``); its
+    ``passed`` is False when an export is beyond ``tolerance``, a quantised layer of the
+    integer graph does not run as an integer kernel, or the saturation probe finds onnxruntime's
+    integer kernels wrong on this machine."""
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown or not formats:
+        raise ExportError(f"formats: unknown {unknown or 'empty'}; choose from {list(FORMATS)}")
+    out = check_writable(output_dir)
+    check_trained(model)
+    images = np.ascontiguousarray(torch.as_tensor(images).float().cpu().numpy())
+    labels = None if labels is None else np.asarray(torch.as_tensor(labels).cpu())
+    if images.ndim < 2 or not len(images):
+        raise ExportError(f"images: expected a non-empty batch, got shape {images.shape}")
+
+    reference = torch_logits(model, images, batch_size)
+    qonnx_model = graphs.qonnx_from_torch(model, torch.from_numpy(images[:1]))
+    qcdq = graphs.qonnx_to_qcdq(qonnx_model)
+    integer, layers = graphs.qcdq_to_integer(qcdq)
+    if not layers:
+        raise ExportError("the model has no quantised Conv / Linear layer to export")
+    quantum = graphs.output_quantum(qcdq, layers)
+    models = {"qonnx": qonnx_model, "qcdq": qcdq, "int": integer}
+
+    report = {"num_images": int(len(images)), "input": input_description,
+              "input_shape": list(images.shape[1:]), "tolerance": vars(tolerance),
+              "output_quantum": quantum.tolist(), "formats": {}, "failures": []}
+    for fmt in formats:
+        path = out / f"{name}_{fmt}.onnx"
+        _save(models[fmt], path)
+        run = runtime.run_qonnx if fmt == "qonnx" else runtime.run_onnxruntime
+        with tqdm(total=len(images), desc=fmt, leave=False) as bar:
+            logits = run(models[fmt], images, batch_size, progress=bar.update)
+        row = {"file": str(path), **compare(reference, logits, labels, quantum)}
+        row["passed"] = tolerance.passes(row)
+        report["formats"][fmt] = row
+        if not row["passed"]:
+            report["failures"].append(
+                f"{fmt}: argmax agreement {row['argmax_agreement']:.2f}%, max difference "
+                f"{row['max_diff_quanta']:.3g} quanta")
+    if "int" in formats:
+        report["integer_layers"] = runtime.kernels_per_layer(integer, layers)
+        report["saturation_probe"] = runtime.saturation_probe(layers)
+        floats = [r["layer"] for r in report["integer_layers"] if not r["integer"]]
+        if floats:
+            report["failures"].append(f"int: layer(s) {floats} do not run as integer kernels")
+        wrong = [r for r in report["saturation_probe"] if not r["exact"]]
+        if wrong:
+            report["failures"].append(
+                "int: onnxruntime's integer kernels give wrong results on this CPU (int16 "
+                "saturation, as on x86 without VNNI) for " + ", ".join(
+                    f"{r['kernel']} {r['x_dtype']} x {r['w_dtype']}, x - z_x in {r['x_range']}, "
+                    f"w - z_w in {r['w_range']}"
+                    for r in wrong) + "; do not deploy model_int.onnx on this machine")
+    report["passed"] = not report["failures"]
+    tmp = out / ".report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out / "report.json")
+    return report
+
+
+# --- command line -----------------------------------------------------------------------------
+
+def _inputs(args, cfg):
+    """(images, labels or None, description) from --inputs, --data-dir or the run's data_dir."""
+    if args.inputs:
+        path = Path(args.inputs)
+        try:
+            data = np.load(path) if path.suffix == ".npy" else torch.load(path, weights_only=True)
+        except Exception as e:
+            raise ExportError(f"--inputs: cannot read {path}: {e}") from None
+        if isinstance(data, dict):
+            images, labels = data.get("images"), data.get("labels")
+        else:
+            images, labels = data, None
+        if images is None:
+            raise ExportError(f"--inputs: {path} has no 'images' entry")
+        images = torch.as_tensor(images).float()[:args.num_images]
+        labels = None if labels is None else torch.as_tensor(labels)[:args.num_images]
+        return images, labels, f"the batch in {path}"
+    from brevitas_ana.recipes.data import CifarBatches, ensure_cifar10, transforms
+    data_dir = args.data_dir or (cfg.data_dir if cfg is not None else None)
+    try:
+        folder = ensure_cifar10(data_dir, download=False)
+    except FileNotFoundError as e:
+        raise ExportError(f"{e} (or give a batch with --inputs)") from None
+    test = CifarBatches(folder, train=False)
+    n = min(args.num_images or len(test), len(test))
+    images = transforms(False)(test.images[:n])
+    return images, test.labels[:n], (f"CIFAR-10 test set ({folder}), first {n} images; "
+                                     + RECIPE_INPUT)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="export_qnn.py", description="Export a trained QNN to QONNX, QCDQ ONNX and integer "
+        "ONNX, and validate each against the PyTorch model.")
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory (config.json + model.pt or checkpoints/), checkpoint "
+                        "directory, or weights file (.pt / .safetensors) with --config")
+    p.add_argument("--output-dir", required=True, help="where the .onnx files and report go")
+    p.add_argument("--config", help="recipe config (YAML/JSON); default: the run's config.json")
+    p.add_argument("--data-dir", help="folder holding cifar-10-batches-py; default: the run's "
+                                      "data_dir")
+    p.add_argument("--inputs", help="a .pt (tensor, or dict with images/labels) or .npy batch to "
+                                    "validate on instead of CIFAR-10")
+    p.add_argument("--num-images", type=int, default=None,
+                   help="validate on the first N images (default: all)")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    p.add_argument("--min-agreement", type=float, default=100.0,
+                   help="tolerance: argmax agreement in %% (default 100)")
+    p.add_argument("--max-quanta", type=float, default=1.0,
+                   help="tolerance: largest logit difference in output quanta (default 1)")
+    args = p.parse_args(argv)
+    for name in ("num_images", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0")
+    return args
+
+
+def main(argv=None):
+    from brevitas_ana.export.checkpoint import load_trained
+    args = parse_args(argv)
+    try:
+        check_writable(args.output_dir)
+        model, cfg, weights = load_trained(args.checkpoint, args.config)
+        images, labels, description = _inputs(args, cfg)
+        print(f"exporting {cfg.model} W{cfg.weight_bit_width}A{cfg.act_bit_width} "
+              f"({cfg.quantiser}) from {weights}")
+        report = export_qnn(model, images, args.output_dir, labels=labels, formats=args.formats,
+                            tolerance=Tolerance(args.min_agreement, args.max_quanta),
+                            batch_size=args.batch_size, input_description=description)
+    except ExportError as e:
+        sys.exit(f"error: {e}")
+    print(table(report))
+    print(f"report: {Path(args.output_dir) / 'report.json'}")
+    if not report["passed"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

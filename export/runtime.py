@@ -1,0 +1,179 @@
+"""Running exported graphs: onnxruntime sessions, the kernels onnxruntime actually executes, the
+integer-saturation probe, latency; qonnx's executor for QONNX graphs."""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Dict, List
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+# onnxruntime kernels that multiply integers (after its own fusions, contrib ops included).
+INTEGER_KERNELS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "QGemm",
+                   "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulInteger16")
+
+
+def session(model: onnx.ModelProto, optimized_path: str = None, threads: int = 0):
+    """An onnxruntime CPU session at its default optimisation level (ORT_ENABLE_ALL), the one a
+    deployment gets; ``optimized_path`` saves the graph it will execute."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3  # the "hardware-specific optimised model" warning is expected here
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def run_onnxruntime(model: onnx.ModelProto, images: np.ndarray, batch_size: int,
+                    progress=None) -> np.ndarray:
+    sess = session(model)
+    name = sess.get_inputs()[0].name
+    outs = []
+    for i in range(0, len(images), batch_size):
+        outs.append(sess.run(None, {name: images[i:i + batch_size]})[0])
+        if progress:
+            progress(len(images[i:i + batch_size]))
+    return np.concatenate(outs)
+
+
+def run_qonnx(model: onnx.ModelProto, images: np.ndarray, batch_size: int,
+              progress=None) -> np.ndarray:
+    """Outputs of qonnx's reference executor (Quant / BipolarQuant in numpy, standard ops one by
+    one in onnxruntime). It checks concrete shapes, so each batch size gets its own copy of the
+    graph with shapes inferred for it."""
+    import warnings
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.core.onnx_exec import execute_onnx
+    from qonnx.transformation.infer_shapes import InferShapes
+
+    def concrete(batch):
+        wrapper = ModelWrapper(onnx.ModelProto.FromString(model.SerializeToString()))
+        del wrapper.graph.value_info[:]
+        for vi in list(wrapper.graph.input) + list(wrapper.graph.output):
+            dim = vi.type.tensor_type.shape.dim[0]
+            dim.Clear()
+            dim.dim_value = batch
+        return wrapper.transform(InferShapes())
+
+    graphs = {}
+    outs = []
+    for i in range(0, len(images), batch_size):
+        batch = images[i:i + batch_size]
+        if len(batch) not in graphs:
+            graphs[len(batch)] = concrete(len(batch))
+        wrapper = graphs[len(batch)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = execute_onnx(wrapper, {wrapper.graph.input[0].name: batch})
+        outs.append(result[wrapper.graph.output[0].name])
+        if progress:
+            progress(len(batch))
+    return np.concatenate(outs)
+
+
+def executed_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph onnxruntime executes after its optimisations (fusions, layout changes)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "optimized.onnx")
+        session(model, optimized_path=path)
+        return onnx.load(path)
+
+
+def kernels_per_layer(model: onnx.ModelProto, layers) -> List[dict]:
+    """For every quantised layer: the onnxruntime kernel that consumes its integer weights in the
+    executed graph, and whether that is an integer kernel. A layer whose weights no kernel
+    consumes any more (renamed or folded away) is reported as not integer."""
+    executed = executed_graph(model)
+    by_input = {}
+    for node in executed.graph.node:
+        for i in node.input:
+            by_input.setdefault(i, node)
+    rows = []
+    for layer in layers:
+        node = by_input.get(layer.weight) if layer.weight else None
+        kernel = node.op_type if node is not None else "-"
+        rows.append({"layer": layer.name, "op": layer.op, "kernel": kernel,
+                     "integer": kernel in INTEGER_KERNELS, "x_dtype": layer.x_dtype,
+                     "w_dtype": layer.w_dtype, "x_range": layer.x_range,
+                     "w_range": layer.w_range, "reason": layer.reason})
+    return rows
+
+
+def _probe_model(kernel: str, x_dtype: str, x_zero_point: int, w_dtype: str, w_zero_point: int,
+                 w_value: int, channels: int) -> onnx.ModelProto:
+    """x (1, C[, 1, 1]) times constant weights all equal to ``w_value`` (centred), through Cast
+    and Mul(1) as in the integer graph, so that onnxruntime packs and fuses it the same way."""
+    types = {"int8": TensorProto.INT8, "uint8": TensorProto.UINT8}
+    xt, wt = types[x_dtype], types[w_dtype]
+    if kernel == "ConvInteger":
+        x_shape, w_shape, out_shape = [1, channels, 1, 1], [2, channels, 1, 1], [1, 2, 1, 1]
+    else:
+        x_shape, w_shape, out_shape = [1, channels], [channels, 2], [1, 2]
+    w_raw = [w_value + w_zero_point] * int(np.prod(w_shape))
+    inits = [helper.make_tensor("w", wt, w_shape, w_raw),
+             helper.make_tensor("zx", xt, [], [x_zero_point]),
+             helper.make_tensor("zw", wt, [], [w_zero_point]),
+             helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])]
+    nodes = [helper.make_node(kernel, ["x", "w", "zx", "zw"], ["acc"]),
+             helper.make_node("Cast", ["acc"], ["acc_f"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["acc_f", "one"], ["y"])]
+    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", xt, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def saturation_probe(layers, channels: int = 64) -> List[dict]:
+    """Runs every (kernel, operand types and zero points, input range, weight range) that the
+    integer graph uses with all-equal extreme inputs and weights (where a saturating pairwise
+    int16 sum shows first) and compares with the exact ``channels * (x_q - z_x) (w_q - z_w)``.
+    One row per configuration, ``exact`` False where onnxruntime is wrong on this machine."""
+    configs = sorted({(l.kernel, l.x_dtype, l.x_zero_point, l.w_dtype, l.w_zero_point,
+                       tuple(l.x_range), tuple(l.w_range)) for l in layers if l.integer})
+    rows = []
+    for kernel, x_dtype, zx, w_dtype, zw, x_range, w_range in configs:
+        worst = 0.0
+        for wv in sorted(set(w_range)):
+            sess = session(_probe_model(kernel, x_dtype, zx, w_dtype, zw, wv, channels), threads=1)
+            shape = sess.get_inputs()[0].shape
+            for xv in sorted(set(x_range)):
+                got = sess.run(None, {"x": np.full(shape, xv + zx, np.dtype(x_dtype))})[0]
+                worst = max(worst, float(np.abs(got - channels * xv * wv).max()))
+        rows.append({"kernel": kernel, "x_dtype": x_dtype, "x_zero_point": zx,
+                     "w_dtype": w_dtype, "w_zero_point": zw, "x_range": list(x_range),
+                     "w_range": list(w_range), "exact": worst == 0, "max_error": worst})
+    return rows
+
+
+def latency(model: onnx.ModelProto, images: np.ndarray, batch: int, repeats: int,
+            threads: int = 0) -> float:
+    """Median seconds per image over ``repeats`` runs of one ``batch``-sized input (after
+    warm-up)."""
+    sess = session(model, threads=threads)
+    name = sess.get_inputs()[0].name
+    x = np.ascontiguousarray(images[:batch])
+    if len(x) < batch:
+        x = np.resize(x, (batch,) + x.shape[1:])
+    for _ in range(3):
+        sess.run(None, {name: x})
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run(None, {name: x})
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)) / batch
+
+
+def latencies(models: Dict[str, onnx.ModelProto], images, batch: int, repeats: int,
+              rounds: int = 3, threads: int = 0) -> Dict[str, float]:
+    """Seconds per image of several graphs, measured in interleaved rounds (best median)."""
+    best = {k: float("inf") for k in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            best[name] = min(best[name], latency(model, images, batch, repeats, threads))
+    return best

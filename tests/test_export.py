@@ -1,0 +1,326 @@
+"""The export stage: QONNX, QCDQ and integer ONNX of small QNNs, validated on a fixed batch."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from brevitas.export import export_onnx_qcdq
+from brevitas.quant import (Int8ActPerTensorFloat, Int8WeightPerChannelFloat,
+                            Int8WeightPerTensorFloat, SignedBinaryActPerTensorConst,
+                            SignedBinaryWeightPerTensorConst, SignedTernaryActPerTensorConst,
+                            SignedTernaryWeightPerTensorConst, Uint8ActPerTensorFloat)
+from torch import nn
+import brevitas.nn as qnn
+
+import brevitas_ana
+from brevitas_ana.export import ExportError, Tolerance, export_qnn, graphs, runtime
+from brevitas_ana.export.graphs import Layer
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "export" / "export_qnn.py"
+
+
+def tiny_qnn(bits: str, per_channel: bool, seed: int = 0) -> nn.Module:
+    """8-bit input quantiser, conv (padded) - BN - act - pool - conv - BN - act - linear (bias) -
+    BN - act - linear - BN, with ``bits`` in w1a1 (binary), w2a2 (ternary), w4a4, w8a8."""
+    torch.manual_seed(seed)
+    if bits == "w1a1":
+        wq, act = dict(weight_quant=SignedBinaryWeightPerTensorConst), \
+            lambda: qnn.QuantIdentity(act_quant=SignedBinaryActPerTensorConst)
+    elif bits == "w2a2":
+        wq, act = dict(weight_quant=SignedTernaryWeightPerTensorConst), \
+            lambda: qnn.QuantIdentity(act_quant=SignedTernaryActPerTensorConst)
+    else:
+        b = int(bits[1])
+        wq = dict(weight_quant=Int8WeightPerChannelFloat if per_channel
+                  else Int8WeightPerTensorFloat, weight_bit_width=b)
+        act = lambda: qnn.QuantReLU(act_quant=Uint8ActPerTensorFloat, bit_width=b)  # noqa: E731
+    last = dict(weight_quant=Int8WeightPerChannelFloat if per_channel else Int8WeightPerTensorFloat)
+    model = nn.Sequential(
+        qnn.QuantIdentity(act_quant=Int8ActPerTensorFloat, return_quant_tensor=False),
+        qnn.QuantConv2d(3, 8, 3, padding=1, bias=False, **wq), nn.BatchNorm2d(8), act(),
+        nn.MaxPool2d(2),
+        qnn.QuantConv2d(8, 16, 3, bias=False, **wq), nn.BatchNorm2d(16), act(),
+        nn.Flatten(),
+        qnn.QuantLinear(16 * 2 * 2, 32, bias=True, **wq), nn.BatchNorm1d(32), act(),
+        qnn.QuantLinear(32, 10, bias=False, **last), nn.BatchNorm1d(10))
+    model.train()
+    with torch.no_grad():  # activation statistics and BN running stats, as training would
+        for _ in range(4):
+            model(torch.rand(32, 3, 8, 8))
+    return model.eval()
+
+
+def fixed_batch(n=48, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+CASES = [("w1a1", False), ("w2a2", False), ("w4a4", False), ("w4a4", True), ("w8a8", False),
+         ("w8a8", True)]
+
+
+@pytest.mark.parametrize("quantisers", ["stock", "ana"])
+@pytest.mark.parametrize("bits,per_channel", CASES)
+def test_all_formats_match_pytorch(bits, per_channel, quantisers, tmp_path):
+    model = tiny_qnn(bits, per_channel)
+    if quantisers == "ana":
+        model = brevitas_ana.to_ana(model, noise="uniform")
+        assert brevitas_ana.ana_quantizers(model)
+    images, labels = fixed_batch()
+    report = export_qnn(model, images, tmp_path, labels=labels, batch_size=20)
+    assert report["passed"], report["failures"]
+    with torch.no_grad():
+        expected_top1 = 100.0 * (model(images).argmax(1) == labels).float().mean().item()
+    for fmt in ("qonnx", "qcdq", "int"):
+        row = report["formats"][fmt]
+        assert row["argmax_agreement"] == 100.0
+        assert row["max_diff_quanta"] <= 1.0
+        assert row["top1_torch"] == pytest.approx(expected_top1)
+        loaded = onnx.load(row["file"])  # one self-contained file
+        onnx.checker.check_model(loaded)
+        assert not list(tmp_path.glob("*.data")) and not list(tmp_path.glob(".*.tmp"))
+    qonnx_ops = {n.op_type for n in onnx.load(tmp_path / "model_qonnx.onnx").graph.node}
+    assert ("BipolarQuant" in qonnx_ops) == (bits == "w1a1") and "Quant" in qonnx_ops
+    assert onnx.load(tmp_path / "model_qonnx.onnx").opset_import[0].version == 13
+    qcdq_ops = {n.op_type for n in onnx.load(tmp_path / "model_qcdq.onnx").graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= qcdq_ops and "Quant" not in qcdq_ops
+    # every quantised Conv / Linear runs as an integer kernel in onnxruntime's executed graph
+    quantised = [m for m in model.modules() if isinstance(m, (qnn.QuantConv2d, qnn.QuantLinear))]
+    layers = report["integer_layers"]
+    assert len(layers) == len(quantised)
+    assert all(r["integer"] and r["kernel"] in ("ConvInteger", "MatMulInteger") for r in layers)
+    # the kernels get uint8 operands; signed ranges are shifted, the real ranges are kept
+    assert all(r["x_dtype"] == r["w_dtype"] == "uint8" for r in layers)
+    assert layers[0]["x_range"] == [-128, 127]  # the 8-bit signed input quantiser
+    act_range = {"w1a1": [-1, 1], "w2a2": [-1, 1], "w4a4": [0, 15], "w8a8": [0, 255]}[bits]
+    assert all(r["x_range"] == act_range for r in layers[1:])
+    assert all(-127 <= r["w_range"][0] <= r["w_range"][1] <= 127 for r in layers)
+    assert all(r["exact"] for r in report["saturation_probe"])
+    assert json.loads((tmp_path / "report.json").read_text())["passed"]
+
+
+def test_integer_graph_is_exact_on_the_integers():
+    """The integer graph's pre-BN layer outputs equal (s_x s_w) * sum(x_q w_q), computed here from
+    the PyTorch model's own integer tensors."""
+    model = tiny_qnn("w4a4", per_channel=True)
+    images, _ = fixed_batch(8)
+    qcdq = graphs.qonnx_to_qcdq(graphs.qonnx_from_torch(model, images))
+    integer, layers = graphs.qcdq_to_integer(qcdq)
+    first = layers[0]
+    integer.graph.output.insert(0, onnx.helper.make_tensor_value_info(
+        first.output, onnx.TensorProto.FLOAT, None))
+    got = runtime.session(integer).run([first.output], {
+        integer.graph.input[0].name: images.numpy()})[0]
+    x_q = model[0].act_quant(images)  # QuantTensors: integer values and scales
+    w_q = model[1].quant_weight()
+    acc = torch.nn.functional.conv2d(x_q.int().double(), w_q.int().double(), padding=1)
+    expected = acc * (x_q.scale * w_q.scale.view(1, -1, 1, 1)).double()
+    np.testing.assert_allclose(got, expected.detach().float().numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_qcdq_matches_brevitas_own_qcdq_export(tmp_path):
+    """Independent check of the QONNX -> QCDQ rewrite: stock Brevitas' QCDQ export (which
+    refuses binary, so W4A4 per-channel here) computes the same outputs in onnxruntime."""
+    model = tiny_qnn("w4a4", per_channel=True)
+    images, _ = fixed_batch()
+    export_onnx_qcdq(model, args=images[:1], export_path=str(tmp_path / "brevitas.onnx"),
+                     dynamo=False, opset_version=13)
+    theirs = ort.InferenceSession(str(tmp_path / "brevitas.onnx"),
+                                  providers=["CPUExecutionProvider"])
+    ours = graphs.qonnx_to_qcdq(graphs.qonnx_from_torch(model, images))
+    quantum = graphs.output_quantum(ours, graphs.qcdq_to_integer(ours)[1])
+    a = np.concatenate([theirs.run(None, {theirs.get_inputs()[0].name: images[i:i + 1].numpy()})[0]
+                        for i in range(len(images))])
+    b = runtime.run_onnxruntime(ours, images.numpy(), 16)
+    assert np.abs(a - b).max() / quantum.min() < 1e-3
+
+
+def test_output_quantum_closed_form():
+    """Last layer QuantLinear -> BatchNorm1d: one step is s_x * s_w * |gamma| / sqrt(var + eps)."""
+    model = tiny_qnn("w4a4", per_channel=True)
+    images, _ = fixed_batch(4)
+    qcdq = graphs.qonnx_to_qcdq(graphs.qonnx_from_torch(model, images))
+    quantum = graphs.output_quantum(qcdq, graphs.qcdq_to_integer(qcdq)[1])
+    act, linear, bn = model[11], model[12], model[13]
+    s_x = act.act_quant(torch.zeros(1, 32)).scale
+    s_w = linear.quant_weight().scale.view(-1)
+    expected = (s_x * s_w * bn.weight.abs() / torch.sqrt(bn.running_var + bn.eps)).detach()
+    np.testing.assert_allclose(quantum, expected.detach().numpy(), rtol=1e-5)
+
+
+def test_saturation_probe_finds_what_a_direct_run_finds():
+    """u8 activations 255 times int8 weights 127, 64 terms: the probe's verdict must equal a direct
+    MatMulInteger run compared with numpy (wrong on x86 CPUs without VNNI, exact elsewhere).
+    The same product with both operands uint8 (weights + 128, zero point 128) must be exact."""
+    x = np.full((1, 64), 255, np.uint8)
+    w = np.full((64, 2), 127, np.int8)
+    node = onnx.helper.make_node("MatMulInteger", ["x", "w"], ["y"])
+    g = onnx.helper.make_graph([node], "direct", [
+        onnx.helper.make_tensor_value_info("x", onnx.TensorProto.UINT8, [1, 64])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.INT32, [1, 2])],
+        [onnx.numpy_helper.from_array(w, "w")])
+    direct = runtime.session(onnx.helper.make_model(
+        g, opset_imports=[onnx.helper.make_opsetid("", 13)])).run(None, {"x": x})[0]
+    hazard = not np.array_equal(direct, x.astype(np.int64) @ w.astype(np.int64))
+    signed = Layer("fc", "MatMul", "y", integer=True, kernel="MatMulInteger", x_dtype="uint8",
+                   w_dtype="int8", x_range=[0, 255], w_range=[-127, 127])
+    (row,) = runtime.saturation_probe([signed])
+    assert row["exact"] == (not hazard)
+    for kernel in ("MatMulInteger", "ConvInteger"):
+        unsigned = Layer("fc", "MatMul", "y", integer=True, kernel=kernel, x_dtype="uint8",
+                         w_dtype="uint8", w_zero_point=128, x_range=[0, 255],
+                         w_range=[-127, 127])
+        assert runtime.saturation_probe([unsigned])[0]["exact"]
+
+
+def test_signed_kernels_hazard_is_reported_not_silent(tmp_path, monkeypatch):
+    """With the quantisers' own operand types (int8 weights), W8A8 runs onnxruntime's u8 x s8
+    kernels: on a CPU where they saturate, the report must fail and say so; where they do not,
+    it must pass."""
+    monkeypatch.setattr(graphs, "UNSIGNED_OPERANDS", False)
+    model = tiny_qnn("w8a8", per_channel=False)
+    images, labels = fixed_batch()
+    report = export_qnn(model, images, tmp_path, labels=labels, formats=["int"])
+    assert all(r["w_dtype"] == "int8" for r in report["integer_layers"])
+    wrong = [r for r in report["saturation_probe"] if not r["exact"]]
+    if wrong:
+        assert not report["passed"]
+        assert any("saturation" in f and "without VNNI" in f for f in report["failures"])
+    else:
+        assert report["passed"]
+
+
+def test_never_trained_model_is_refused(tmp_path):
+    model = nn.Sequential(qnn.QuantIdentity(act_quant=Int8ActPerTensorFloat),
+                          qnn.QuantLinear(4, 2, bias=False))
+    with pytest.raises(ExportError, match="never trained"):
+        export_qnn(model.eval(), torch.rand(4, 4), tmp_path / "out")
+    assert not (tmp_path / "out" / "model_qonnx.onnx").exists()
+
+
+def test_unwritable_output_dir_and_unknown_format(tmp_path):
+    model = tiny_qnn("w2a2", False)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ExportError, match="--output-dir: cannot write"):
+        export_qnn(model, torch.rand(2, 3, 8, 8), blocker / "sub")
+    with pytest.raises(ExportError, match="unknown"):
+        export_qnn(model, torch.rand(2, 3, 8, 8), tmp_path, formats=["tflite"])
+
+
+def test_interrupted_save_leaves_no_file(tmp_path, monkeypatch):
+    def half_written(model, path, **kwargs):
+        Path(path).write_bytes(b"\x08\x01partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(onnx, "save_model", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        export_qnn(tiny_qnn("w2a2", False), torch.rand(4, 3, 8, 8), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_tolerance_is_applied():
+    row = {"argmax_agreement": 99.5, "max_diff_quanta": 0.0}
+    assert not Tolerance().passes(row) and Tolerance(min_agreement=99.0).passes(row)
+    row = {"argmax_agreement": 100.0, "max_diff_quanta": 1.5}
+    assert not Tolerance().passes(row) and Tolerance(max_quanta=2.0).passes(row)
+
+
+# --- the command line, on a recipe run -------------------------------------------------------
+
+def cli(args, check=True):
+    proc = subprocess.run([sys.executable, str(SCRIPT)] + [str(a) for a in args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"export failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from conftest import write_tiny_cifar
+    root = tmp_path_factory.mktemp("run")
+    data = write_tiny_cifar(root / "data")
+    run = root / "cnv_w2a2"
+    subprocess.run([sys.executable, str(ROOT / "recipes" / "train_cifar10.py"), "--data-dir",
+                    str(data), "--epochs", "1", "--max-steps", "3", "--batch-size", "16",
+                    "--num-workers", "0", "--no-export", "--output-dir", str(run)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=600)
+    return run, data
+
+
+def test_cli_exports_and_validates_a_recipe_run(trained_run, tmp_path):
+    run, data = trained_run
+    proc = cli(["--checkpoint", run, "--output-dir", tmp_path / "out", "--data-dir", data])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["passed"] and report["num_images"] == 40
+    assert "CIFAR-10 test set" in report["input"] and "[0, 1]" in report["input"]
+    for fmt in ("qonnx", "qcdq", "int"):
+        assert report["formats"][fmt]["argmax_agreement"] == 100.0
+        assert f"model_{fmt}.onnx" in proc.stdout
+    assert "PASSED" in proc.stdout and "ConvInteger" in proc.stdout
+    # the checkpoint directory alone (with the run's config two levels up) works too
+    ckpt = next((run / "checkpoints").iterdir())
+    cli(["--checkpoint", ckpt, "--output-dir", tmp_path / "out2", "--data-dir", data,
+         "--num-images", "8", "--formats", "int"])
+    assert json.loads((tmp_path / "out2" / "report.json").read_text())["num_images"] == 8
+
+
+def test_cli_exits_non_zero_beyond_tolerance(trained_run, tmp_path):
+    run, data = trained_run
+    proc = cli(["--checkpoint", run, "--output-dir", tmp_path, "--data-dir", data,
+                "--formats", "qcdq", "--min-agreement", "100.5"], check=False)
+    assert proc.returncode == 1 and "FAILED: qcdq: argmax agreement 100.00%" in proc.stdout
+
+
+def test_console_script_is_installed():
+    proc = subprocess.run(["brevitas-ana-export", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--checkpoint" in proc.stdout
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "never_trained", "other_config",
+                                  "wrong_shapes", "no_data", "unwritable"])
+def test_cli_bad_input_is_a_clear_error(case, trained_run, tmp_path):
+    run, data = trained_run
+    out = tmp_path / "out"
+    args = ["--checkpoint", run, "--output-dir", out, "--data-dir", data]
+    if case == "missing":
+        args[1], expected = tmp_path / "nope", "does not exist"
+    elif case == "corrupt":
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        (bad / "config.json").write_bytes((run / "config.json").read_bytes())
+        (bad / "model.pt").write_bytes(b"garbage")
+        args[1], expected = bad, "not a readable checkpoint"
+    elif case == "never_trained":
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        (empty / "config.json").write_bytes((run / "config.json").read_bytes())
+        args[1], expected = empty, "was never trained"
+    elif case == "other_config":
+        args += ["--config", ROOT / "recipes" / "configs" / "cnv_w1a1.yaml"]
+        expected = "does not describe the trained network: weight_bit_width: 1"
+    elif case == "wrong_shapes":
+        other = tmp_path / "other"
+        other.mkdir()
+        cfg = json.loads((run / "config.json").read_text())
+        cfg["model"] = "vgg8"
+        (other / "config.json").write_text(json.dumps(cfg))
+        (other / "model.pt").write_bytes((run / "model.pt").read_bytes())
+        args[1], expected = other, "does not fit a vgg8"
+    elif case == "no_data":
+        args[-1], expected = tmp_path / "nodata", "CIFAR-10 not found"
+    else:
+        (tmp_path / "file").write_text("x")
+        args[3], expected = tmp_path / "file" / "out", "--output-dir: cannot write"
+    proc = cli(args, check=False)
+    assert proc.returncode == 1
+    assert expected in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("*.onnx"))
