@@ -18,12 +18,13 @@ not run as an integer kernel, or onnxruntime's integer kernels are wrong on this
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import onnx
@@ -73,18 +74,19 @@ def _save(model: onnx.ModelProto, path: Path):
 
 
 def torch_logits(model, images: np.ndarray, batch_size: int) -> np.ndarray:
-    model.eval()
-    device = next(model.parameters()).device
+    """The model's eval-mode outputs, from a float32 CPU copy: the exports are float32 CPU
+    graphs, and a GPU's reduced-precision convolutions (TF32) would move values across rounding
+    boundaries."""
+    model = copy.deepcopy(model).float().cpu().eval()
     outs = []
     with torch.no_grad():
         for i in tqdm(range(0, len(images), batch_size), desc="pytorch", leave=False):
-            x = torch.from_numpy(images[i:i + batch_size]).to(device)
-            outs.append(model(x).float().cpu().numpy())
+            outs.append(model(torch.from_numpy(images[i:i + batch_size])).float().numpy())
     return np.concatenate(outs)
 
 
 def export_qnn(model: torch.nn.Module, images, output_dir, labels=None,
-               formats: Sequence[str] = FORMATS, tolerance: Tolerance = Tolerance(),
+               formats: Sequence[str] = FORMATS, tolerance: Optional[Tolerance] = None,
                batch_size: int = 100, input_description: str = RECIPE_INPUT,
                name: str = "model") -> dict:
     """Export ``model`` (ANA or stock quantisers) in ``formats`` to ``output_dir`` and validate
@@ -96,8 +98,10 @@ def export_qnn(model: torch.nn.Module, images, output_dir, labels=None,
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise ExportError(f"formats: unknown {unknown or 'empty'}; choose from {list(FORMATS)}")
+    tolerance = tolerance or Tolerance()
     out = check_writable(output_dir)
     check_trained(model)
+    (out / "report.json").unlink(missing_ok=True)  # a stale report must not describe new files
     images = np.ascontiguousarray(torch.as_tensor(images).float().cpu().numpy())
     labels = None if labels is None else np.asarray(torch.as_tensor(labels).cpu())
     if images.ndim < 2 or not len(images):

@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -56,13 +56,12 @@ class ExportError(ValueError):
 # --- small graph helpers --------------------------------------------------------------------
 
 class Graph:
-    """Nodes, initializers (as numpy arrays) and producer/consumer lookups of one ONNX graph."""
+    """Initializers (as numpy arrays), the producer of each tensor and inferred shapes of one
+    ONNX graph; new initializers are collected here until :func:`_finish` writes them."""
 
     def __init__(self, model: onnx.ModelProto):
-        self.model = model
-        self.g = model.graph
-        self.inits = {i.name: numpy_helper.to_array(i) for i in self.g.initializer}
-        self.producer = {o: n for n in self.g.node for o in n.output}
+        self.inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        self.producer = {o: n for n in model.graph.node for o in n.output}
         self.shapes = {}
         inferred = onnx.shape_inference.infer_shapes(model)
         for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + \
@@ -95,10 +94,9 @@ def _attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _finish(model: onnx.ModelProto, nodes, inits: Dict[str, np.ndarray],
-            drop_domains=("qonnx.custom_op.general",)) -> onnx.ModelProto:
-    """Replace the graph's nodes and initializers, drop nodes whose outputs nobody uses, keep the
-    default-domain opset at 13 and check the result."""
+def _finish(model: onnx.ModelProto, nodes, inits: Dict[str, np.ndarray]) -> onnx.ModelProto:
+    """Replace the graph's nodes and initializers, drop nodes whose outputs nobody uses, set the
+    default-domain opset to 13 (no QONNX domain left) and check the result."""
     g = model.graph
     outputs = {o.name for o in g.output}
     while True:
@@ -113,7 +111,8 @@ def _finish(model: onnx.ModelProto, nodes, inits: Dict[str, np.ndarray],
     del g.initializer[:]
     g.initializer.extend(numpy_helper.from_array(v, k) for k, v in inits.items() if k in used)
     del g.value_info[:]
-    ops = [o for o in model.opset_import if o.domain not in ("", "ai.onnx") + tuple(drop_domains)]
+    ops = [o for o in model.opset_import
+           if o.domain not in ("", "ai.onnx", "qonnx.custom_op.general")]
     del model.opset_import[:]
     model.opset_import.extend([helper.make_opsetid("", OPSET)] + ops)
     onnx.checker.check_model(model)
@@ -297,18 +296,13 @@ class Layer:
     reason: str = ""                 # why it stays float, when not integer
     out_scale: Optional[np.ndarray] = None  # s_x * s_w, broadcast like the layer output
 
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d.pop("out_scale")
-        return d
-
 
 def _dq_params(graph: Graph, dq):
     """(scale, zero point, axis) of a DequantizeLinear with constant parameters."""
     s = graph.const(dq.input[1])
     z = graph.const(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
     if s is None:
-        return None
+        raise ExportError(f"{dq.name}: DequantizeLinear scale is not a constant")
     z = np.zeros(s.shape, np.int8) if z is None else z
     return s, z, _attrs(dq).get("axis", 1)
 
@@ -337,11 +331,10 @@ def _int_range(graph: Graph, chain, dtype) -> List[int]:
     return [int(info.min), int(info.max)]
 
 
-def _make_unsigned(graph: Graph, dq, chain, done: set):
+def _make_unsigned(graph: Graph, dq, chain):
     """Re-express an int8 QuantizeLinear -> [Clip] -> DequantizeLinear chain in uint8 with every
-    integer and zero point shifted by +128: the same real values, in place."""
-    if dq.name in done:
-        return
+    integer and zero point shifted by +128: the same real values, in place (a second layer
+    reading the same chain then finds it unsigned already)."""
     q, clip = chain
     for node, index in [(q, 2), (dq, 2)]:
         z = graph.const(node.input[index]).astype(np.int16) + 128
@@ -350,10 +343,9 @@ def _make_unsigned(graph: Graph, dq, chain, done: set):
         for index in (1, 2):
             bound = int(graph.const(clip.input[index])) + 128
             clip.input[index] = graph.add_init(f"{clip.name}_bound_u8", np.array(bound, np.uint8))
-    done.add(dq.name)
 
 
-def _to_integer(graph: Graph, node, nodes: list, unsigned_done: set) -> Layer:
+def _to_integer(graph: Graph, node, nodes: list) -> Layer:
     layer = Layer(node.name, node.op_type, node.output[0])
     w_dq = graph.producer.get(node.input[1])
     if w_dq is None or w_dq.op_type != "DequantizeLinear" or graph.const(w_dq.input[0]) is None:
@@ -398,7 +390,7 @@ def _to_integer(graph: Graph, node, nodes: list, unsigned_done: set) -> Layer:
 
     # Operands as uint8 (module docstring, item 3): shift int8 integers and zero points by 128.
     if UNSIGNED_OPERANDS and z_x.dtype == np.int8:
-        _make_unsigned(graph, x_dq, chain, unsigned_done)
+        _make_unsigned(graph, x_dq, chain)
         zx += 128
     if UNSIGNED_OPERANDS and w_q.dtype == np.int8:
         w_q, zw = (w_q.astype(np.int16) + 128).astype(np.uint8), zw + 128
@@ -448,7 +440,7 @@ def _bias(graph: Graph, node) -> Optional[np.ndarray]:
         return b.astype(np.float32)
     dq = graph.producer.get(node.input[index])
     if dq is not None and dq.op_type == "DequantizeLinear" and graph.const(dq.input[0]) is not None:
-        s, z, axis = _dq_params(graph, dq)
+        s, z, _ = _dq_params(graph, dq)
         q = graph.const(dq.input[0]).astype(np.float32)
         return (s.astype(np.float32) * (q - z.astype(np.float32))).astype(np.float32)
     raise ExportError(f"{node.name}: bias is neither constant nor dequantised constant integers")
@@ -458,12 +450,12 @@ def qcdq_to_integer(model: onnx.ModelProto):
     """(integer graph, [Layer]) of a QCDQ graph (module docstring, item 3)."""
     model = copy.deepcopy(model)
     graph = Graph(model)
-    nodes, layers, unsigned_done = [], [], set()
+    nodes, layers = [], []
     for node in model.graph.node:
         if node.op_type not in LAYER_OPS:
             nodes.append(node)
             continue
-        layer = _to_integer(graph, node, nodes, unsigned_done)
+        layer = _to_integer(graph, node, nodes)
         if layer.reason == "weight not quantised":
             nodes.append(node)  # a float layer of the network, not a quantised one
             continue
@@ -522,7 +514,9 @@ def output_quantum(model: onnx.ModelProto, layers: List[Layer]) -> np.ndarray:
             s, _, axis = _dq_params(graph, node)
             step = s if s.size == 1 else s.reshape([-1] + [1] * (graph.rank(t) - 1 - axis))
             break
-        if node.op_type in ("Add", "Sub", "Mul", "Div") and sum(c is not None for c in consts) == 1:
+        affine = node.op_type in ("Add", "Sub", "Mul") or (node.op_type == "Div"
+                                                            and consts[0] is None)
+        if affine and sum(c is not None for c in consts) == 1:
             c = next(c for c in consts if c is not None).astype(np.float32)
             t = next(i for i, v in zip(node.input, consts) if v is None)
             if node.op_type == "Mul":

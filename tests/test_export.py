@@ -270,6 +270,13 @@ def test_cli_exports_and_validates_a_recipe_run(trained_run, tmp_path):
     cli(["--checkpoint", ckpt, "--output-dir", tmp_path / "out2", "--data-dir", data,
          "--num-images", "8", "--formats", "int"])
     assert json.loads((tmp_path / "out2" / "report.json").read_text())["num_images"] == 8
+    # a batch of one's own instead of CIFAR-10
+    torch.save({"images": torch.rand(6, 3, 32, 32), "labels": torch.arange(6)}, tmp_path / "b.pt")
+    cli(["--checkpoint", run, "--output-dir", tmp_path / "out3", "--inputs", tmp_path / "b.pt",
+         "--formats", "qcdq"])
+    report = json.loads((tmp_path / "out3" / "report.json").read_text())
+    assert report["num_images"] == 6 and "b.pt" in report["input"]
+    assert report["formats"]["qcdq"]["top1_torch"] is not None
 
 
 def test_cli_exits_non_zero_beyond_tolerance(trained_run, tmp_path):
