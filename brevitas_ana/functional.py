@@ -234,5 +234,6 @@ def ana_round(y: Tensor, lo: Number, hi: Number, noise: Union[str, NoiseFamily] 
         if annealed_grad == "zero":
             return torch.clamp(torch.round(y), lo, hi)
         # Brevitas' TensorClamp, whose gradient also passes at round(y) == lo or hi
-        return tensor_clamp(round_ste(y), y.new_tensor(lo), y.new_tensor(hi))
+        # (new_full fills on the device; new_tensor would copy from the host and block it)
+        return tensor_clamp(round_ste(y), y.new_full((), lo), y.new_full((), hi))
     return _AnaRoundFn.apply(y, lo, hi, family, sigma, mu, strategy)

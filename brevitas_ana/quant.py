@@ -149,8 +149,9 @@ class _AnaBinaryMixin(AnaQuantMixin):
         if self.stock_path:
             return super().forward(x)
         scale = self.scaling_impl(x)
-        # y = x / (2 scale) + 1/2 and out = 2 scale q - scale, one fused op each
-        y = torch.addcmul(scale.new_tensor(0.5), x, 0.5 / scale)
+        # y = x / (2 scale) + 1/2 and out = 2 scale q - scale, one fused op each. new_full, not
+        # new_tensor: a Python scalar copied to the GPU each step would block the host.
+        y = torch.addcmul(scale.new_full((), 0.5), x, 0.5 / scale)
         if self.sigma < SIGMA_MIN:  # annealed, zero gradient; same tie at 0 as binary_sign
             q = (y >= 0.5).to(y.dtype)
         else:
