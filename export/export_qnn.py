@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -71,6 +72,32 @@ def _save(model: onnx.ModelProto, path: Path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _check_qcdq_kernels(qcdq, layers, report):
+    """onnxruntime fuses QCDQ layers into its own integer kernels (QLinearConv,
+    MatMulIntegerToFloat, ...) with the operand types the quantisers have (uint8 / int8
+    activations, int8 weights): list them, probe those types and ranges on this machine, and
+    fail, naming the layers, where onnxruntime's kernels are wrong here."""
+    rows = runtime.kernels_per_layer(qcdq, layers, "qcdq_weight")
+    report["qcdq_layers"] = rows
+    fused = [dataclasses.replace(l, kernel=r["kernel"], x_dtype=l.qcdq_x_dtype,
+                                 x_zero_point=l.qcdq_x_zero_point, w_dtype=l.qcdq_w_dtype,
+                                 w_zero_point=l.qcdq_w_zero_point)
+             for l, r in zip(layers, rows) if r["integer"] and l.integer]
+    report["qcdq_probe"] = runtime.saturation_probe(fused)
+    wrong = {(r["kernel"], r["x_dtype"], r["x_zero_point"], tuple(r["x_range"]),
+              tuple(r["w_range"])) for r in report["qcdq_probe"] if not r["exact"]}
+    bad = [f"{l.name} ({r['kernel']}, {l.qcdq_x_dtype} x {l.qcdq_w_dtype})"
+           for l, r in zip(layers, rows)
+           if (r["kernel"], l.qcdq_x_dtype, l.qcdq_x_zero_point, tuple(l.x_range),
+               tuple(l.w_range)) in wrong]
+    if bad:
+        report["failures"].append(
+            "qcdq: onnxruntime fuses " + ", ".join(bad) + " into integer kernels whose operand "
+            "types give wrong results on this CPU (int16 saturation, as on x86 without VNNI; "
+            "see qcdq_probe); the file is correct: run it where those kernels are exact, or use "
+            "model_int.onnx with onnxruntime")
 
 
 def torch_logits(model, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -132,6 +159,8 @@ def export_qnn(model: torch.nn.Module, images, output_dir, labels=None,
             report["failures"].append(
                 f"{fmt}: argmax agreement {row['argmax_agreement']:.2f}%, max difference "
                 f"{row['max_diff_quanta']:.3g} quanta")
+    if "qcdq" in formats:
+        _check_qcdq_kernels(qcdq, layers, report)
     if "int" in formats:
         report["integer_layers"] = runtime.kernels_per_layer(integer, layers)
         report["saturation_probe"] = runtime.saturation_probe(layers)

@@ -294,6 +294,12 @@ class Layer:
     x_range: List[int] = field(default_factory=list)   # range of x_q - z_x
     w_range: List[int] = field(default_factory=list)   # range of w_q - z_w
     reason: str = ""                 # why it stays float, when not integer
+    # the same layer in the QCDQ graph: its weight initializer and its input's type / zero point
+    qcdq_weight: str = ""
+    qcdq_x_dtype: str = ""
+    qcdq_x_zero_point: int = 0
+    qcdq_w_dtype: str = ""
+    qcdq_w_zero_point: int = 0
     out_scale: Optional[np.ndarray] = None  # s_x * s_w, broadcast like the layer output
 
 
@@ -345,7 +351,7 @@ def _make_unsigned(graph: Graph, dq, chain):
             clip.input[index] = graph.add_init(f"{clip.name}_bound_u8", np.array(bound, np.uint8))
 
 
-def _to_integer(graph: Graph, node, nodes: list) -> Layer:
+def _to_integer(graph: Graph, qcdq: Graph, node, nodes: list) -> Layer:
     layer = Layer(node.name, node.op_type, node.output[0])
     w_dq = graph.producer.get(node.input[1])
     if w_dq is None or w_dq.op_type != "DequantizeLinear" or graph.const(w_dq.input[0]) is None:
@@ -386,6 +392,10 @@ def _to_integer(graph: Graph, node, nodes: list) -> Layer:
     x_lo, x_hi = _int_range(graph, chain, z_x.dtype)
     layer.x_range = [x_lo - zx, x_hi - zx]
     layer.w_range = [int(w_q.astype(np.int64).min()) - zw, int(w_q.astype(np.int64).max()) - zw]
+    qcdq_z = qcdq.const(qcdq.producer[x_dq.output[0]].input[2])  # before any shift below
+    layer.qcdq_weight = w_dq.input[0]
+    layer.qcdq_x_dtype, layer.qcdq_x_zero_point = qcdq_z.dtype.name, int(qcdq_z.reshape(()))
+    layer.qcdq_w_dtype, layer.qcdq_w_zero_point = w_q.dtype.name, zw
     name = node.name
 
     # Operands as uint8 (module docstring, item 3): shift int8 integers and zero points by 128.
@@ -448,6 +458,7 @@ def _bias(graph: Graph, node) -> Optional[np.ndarray]:
 
 def qcdq_to_integer(model: onnx.ModelProto):
     """(integer graph, [Layer]) of a QCDQ graph (module docstring, item 3)."""
+    qcdq = Graph(model)
     model = copy.deepcopy(model)
     graph = Graph(model)
     nodes, layers = [], []
@@ -455,7 +466,7 @@ def qcdq_to_integer(model: onnx.ModelProto):
         if node.op_type not in LAYER_OPS:
             nodes.append(node)
             continue
-        layer = _to_integer(graph, node, nodes)
+        layer = _to_integer(graph, qcdq, node, nodes)
         if layer.reason == "weight not quantised":
             nodes.append(node)  # a float layer of the network, not a quantised one
             continue

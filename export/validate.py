@@ -75,6 +75,15 @@ def table(report: dict) -> str:
                          f"{r['kernel'] + ('' if r['integer'] else ' (FLOAT)'):<22} "
                          f"{types:<13} {str(r['x_range']):<11} {str(r['w_range']):<11} "
                          f"{r['reason']}")
+    if report.get("qcdq_layers"):
+        fused = [f"{r['layer']}: {r['kernel']}" for r in report["qcdq_layers"] if r["integer"]]
+        lines += ["", f"qcdq: onnxruntime runs {len(fused)} of {len(report['qcdq_layers'])} "
+                      f"quantised layers as integer kernels of its own"
+                  + (f" ({', '.join(fused)})" if fused else "")]
+        for r in report.get("qcdq_probe", []):
+            lines.append(f"  probe {r['x_dtype']} x {r['w_dtype']}, x - z_x in {r['x_range']}, "
+                         f"w - z_w in {r['w_range']}: "
+                         f"{'exact' if r['exact'] else 'WRONG by %g' % r['max_error']}")
     if report.get("saturation_probe"):
         lines += ["", "saturation probe (all-equal extreme operands vs exact int64):"]
         for r in report["saturation_probe"]:
