@@ -81,6 +81,12 @@ def _check_qcdq_kernels(qcdq, layers, report):
     fail, naming the layers, where onnxruntime's kernels are wrong here."""
     rows = runtime.kernels_per_layer(qcdq, layers, "qcdq_weight")
     report["qcdq_layers"] = rows
+    nbits = [r["layer"] for r in rows if r["kernel"] == "MatMulNBits"]
+    if nbits:
+        report["notes"].append(
+            f"qcdq: onnxruntime runs {', '.join(nbits)} as MatMulNBits, which by default "
+            f"quantises its float input to int8 (session.qdq_matmulnbits_accuracy_level=4, an "
+            f"approximation); validated with level 0: set it where you deploy model_qcdq.onnx")
     fused = [dataclasses.replace(l, kernel=r["kernel"], x_dtype=l.qcdq_x_dtype,
                                  x_zero_point=l.qcdq_x_zero_point, w_dtype=l.qcdq_w_dtype,
                                  w_zero_point=l.qcdq_w_zero_point)
@@ -145,7 +151,11 @@ def export_qnn(model: torch.nn.Module, images, output_dir, labels=None,
 
     report = {"num_images": int(len(images)), "input": input_description,
               "input_shape": list(images.shape[1:]), "tolerance": vars(tolerance),
-              "output_quantum": quantum.tolist(), "formats": {}, "failures": []}
+              "output_quantum": quantum.tolist(),
+              "onnxruntime": {"version": runtime.ort.__version__,
+                              "graph_optimization_level": "ORT_ENABLE_ALL",
+                              "session_config": runtime.SESSION_CONFIG},
+              "formats": {}, "failures": [], "notes": []}
     for fmt in formats:
         path = out / f"{name}_{fmt}.onnx"
         _save(models[fmt], path)

@@ -17,11 +17,19 @@ INTEGER_KERNELS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul
                    "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulInteger16")
 
 
+# onnxruntime turns DequantizeLinear -> MatMul into MatMulNBits, which by default (accuracy level
+# 4) quantises its float input to int8 blocks: an approximation of the graph. Level 0 computes
+# what the graph says; deployments of model_qcdq.onnx should set it too.
+SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}
+
+
 def session(model: onnx.ModelProto, optimized_path: str = None, threads: int = 0):
-    """An onnxruntime CPU session at its default optimisation level (ORT_ENABLE_ALL), the one a
-    deployment gets; ``optimized_path`` saves the graph it will execute."""
+    """An onnxruntime CPU session with all graph optimisations (ORT_ENABLE_ALL, its default) and
+    SESSION_CONFIG; ``optimized_path`` saves the graph it will execute."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    for key, value in SESSION_CONFIG.items():
+        so.add_session_config_entry(key, value)
     so.intra_op_num_threads = threads
     so.log_severity_level = 3  # the "hardware-specific optimised model" warning is expected here
     if optimized_path:
@@ -86,17 +94,19 @@ def executed_graph(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def kernels_per_layer(model: onnx.ModelProto, layers, weight: str = "weight") -> List[dict]:
     """For every quantised layer: the onnxruntime kernel that consumes its integer weights (the
-    initializer named by ``layer.<weight>``) in the executed graph, and whether that is an
-    integer kernel. A layer whose weights no kernel consumes any more (renamed or folded away) is
-    reported as not integer."""
+    initializer named by ``layer.<weight>``) in the executed graph, else (weights renamed when
+    repacked, or only dequantised) the node that kept the layer's name, and whether that is an
+    integer kernel. A layer found neither way is reported as "-", not integer."""
     executed = executed_graph(model)
-    by_input = {}
+    by_input, by_name = {}, {n.name: n for n in executed.graph.node}
     for node in executed.graph.node:
         for i in node.input:
             by_input.setdefault(i, node)
     rows = []
     for layer in layers:
         node = by_input.get(getattr(layer, weight)) if getattr(layer, weight) else None
+        if node is None or node.op_type == "DequantizeLinear":  # not fused: the layer's own op
+            node = by_name.get(layer.name, node)
         kernel = node.op_type if node is not None else "-"
         rows.append({"layer": layer.name, "op": layer.op, "kernel": kernel,
                      "integer": kernel in INTEGER_KERNELS, "x_dtype": layer.x_dtype,

@@ -90,5 +90,6 @@ def table(report: dict) -> str:
             lines.append(f"  {r['kernel']:<14} {r['x_dtype']} x {r['w_dtype']}, x - z_x in "
                          f"{r['x_range']}, w - z_w in {r['w_range']}: "
                          f"{'exact' if r['exact'] else 'WRONG by %g' % r['max_error']}")
+    lines += [f"note: {n}" for n in report.get("notes", [])]
     lines += ["", "PASSED" if report["passed"] else "FAILED: " + "; ".join(report["failures"])]
     return "\n".join(lines)

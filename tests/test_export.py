@@ -151,13 +151,19 @@ def test_learned_float_scales_with_batchnorm(bits, tmp_path):
     disagreements stay rare and never change the class on this batch."""
     model = brevitas_ana.to_ana(tiny_qnn(bits, per_channel=True, po2=False))
     images, labels = fixed_batch(96)
-    report = export_qnn(model, images, tmp_path, labels=labels, formats=["qonnx", "int"])
-    for fmt in ("qonnx", "int"):
+    report = export_qnn(model, images, tmp_path, labels=labels)
+    for fmt in ("qonnx", "qcdq", "int"):
         row = report["formats"][fmt]
         assert row["argmax_agreement"] == 100.0
         assert row["frac_differ"] <= 0.02
     assert all(r["integer"] for r in report["integer_layers"])
     assert all(r["exact"] for r in report["saturation_probe"])
+    # onnxruntime runs the QCDQ graph's BN-separated convolutions in float; a per-channel MatMul
+    # it may turn into MatMulNBits, whose default input quantisation the report points out
+    kernels = {r["layer"]: r["kernel"] for r in report["qcdq_layers"]}
+    assert kernels["Conv_0"] == kernels["Conv_1"] == "Conv"
+    nbits = kernels["MatMul_0"] == "MatMulNBits"
+    assert nbits == any("accuracy_level" in n for n in report["notes"])
 
 
 def test_integer_graph_is_exact_on_the_integers():
