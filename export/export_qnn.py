@@ -74,6 +74,24 @@ def _save(model: onnx.ModelProto, path: Path):
         tmp.unlink(missing_ok=True)
 
 
+def _check_int_kernels(integer, layers, report):
+    """Every quantised layer of the integer graph must run as an integer kernel in onnxruntime,
+    and each kernel configuration must be exact on this machine (the saturation probe)."""
+    report["integer_layers"] = runtime.kernels_per_layer(integer, layers)
+    report["saturation_probe"] = runtime.saturation_probe(layers)
+    floats = [r["layer"] for r in report["integer_layers"] if not r["integer"]]
+    if floats:
+        report["failures"].append(f"int: layer(s) {floats} do not run as integer kernels")
+    wrong = [r for r in report["saturation_probe"] if not r["exact"]]
+    if wrong:
+        report["failures"].append(
+            "int: onnxruntime's integer kernels give wrong results on this CPU (int16 "
+            "saturation, as on x86 without VNNI) for " + ", ".join(
+                f"{r['kernel']} {r['x_dtype']} x {r['w_dtype']}, x - z_x in {r['x_range']}, "
+                f"w - z_w in {r['w_range']}" for r in wrong)
+            + "; do not deploy model_int.onnx on this machine")
+
+
 def _check_qcdq_kernels(qcdq, layers, report):
     """onnxruntime fuses QCDQ layers into its own integer kernels (QLinearConv,
     MatMulIntegerToFloat, ...) with the operand types the quantisers have (uint8 / int8
@@ -172,19 +190,7 @@ def export_qnn(model: torch.nn.Module, images, output_dir, labels=None,
     if "qcdq" in formats:
         _check_qcdq_kernels(qcdq, layers, report)
     if "int" in formats:
-        report["integer_layers"] = runtime.kernels_per_layer(integer, layers)
-        report["saturation_probe"] = runtime.saturation_probe(layers)
-        floats = [r["layer"] for r in report["integer_layers"] if not r["integer"]]
-        if floats:
-            report["failures"].append(f"int: layer(s) {floats} do not run as integer kernels")
-        wrong = [r for r in report["saturation_probe"] if not r["exact"]]
-        if wrong:
-            report["failures"].append(
-                "int: onnxruntime's integer kernels give wrong results on this CPU (int16 "
-                "saturation, as on x86 without VNNI) for " + ", ".join(
-                    f"{r['kernel']} {r['x_dtype']} x {r['w_dtype']}, x - z_x in {r['x_range']}, "
-                    f"w - z_w in {r['w_range']}"
-                    for r in wrong) + "; do not deploy model_int.onnx on this machine")
+        _check_int_kernels(integer, layers, report)
     report["passed"] = not report["failures"]
     tmp = out / ".report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2))
