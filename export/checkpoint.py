@@ -56,8 +56,9 @@ def locate(checkpoint) -> Tuple[Path, Optional[Path]]:
         epochs = sorted((path / "checkpoints").glob("epoch_*")) if (path / "checkpoints").is_dir() \
             else []
         for ckpt in reversed(epochs):
-            if _weights_in(ckpt):
-                return _weights_in(ckpt), path / "config.json"
+            weights = _weights_in(ckpt)
+            if weights:
+                return weights, path / "config.json"
         raise CheckpointError(f"--checkpoint: {path} was never trained: no model.pt and no "
                               f"checkpoints/epoch_* with weights (training stopped before its "
                               f"first epoch ended?)")

@@ -43,9 +43,10 @@ def run_onnxruntime(model: onnx.ModelProto, images: np.ndarray, batch_size: int,
     name = sess.get_inputs()[0].name
     outs = []
     for i in range(0, len(images), batch_size):
-        outs.append(sess.run(None, {name: images[i:i + batch_size]})[0])
+        batch = images[i:i + batch_size]
+        outs.append(sess.run(None, {name: batch})[0])
         if progress:
-            progress(len(images[i:i + batch_size]))
+            progress(len(batch))
     return np.concatenate(outs)
 
 
@@ -84,19 +85,25 @@ def run_qonnx(model: onnx.ModelProto, images: np.ndarray, batch_size: int,
     return np.concatenate(outs)
 
 
-def executed_graph(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The graph onnxruntime executes after its optimisations (fusions, layout changes)."""
+def session_and_graph(model: onnx.ModelProto, threads: int = 0):
+    """(session, the graph it executes after onnxruntime's optimisations: fusions, layouts)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "optimized.onnx")
-        session(model, optimized_path=path)
-        return onnx.load(path)
+        sess = session(model, optimized_path=path, threads=threads)
+        return sess, onnx.load(path)
+
+
+def executed_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    return session_and_graph(model)[1]
 
 
 def kernels_per_layer(model: onnx.ModelProto, layers, weight: str = "weight") -> List[dict]:
     """For every quantised layer: the onnxruntime kernel that consumes its integer weights (the
     initializer named by ``layer.<weight>``) in the executed graph, else (weights renamed when
     repacked, or only dequantised) the node that kept the layer's name, and whether that is an
-    integer kernel. A layer found neither way is reported as "-", not integer."""
+    integer kernel. A layer found neither way is reported as "-", not integer. Operand types
+    are those of the same graph (``qcdq_x_dtype`` ... for ``weight="qcdq_weight"``)."""
+    prefix = weight[:-len("weight")]
     executed = executed_graph(model)
     by_input, by_name = {}, {n.name: n for n in executed.graph.node}
     for node in executed.graph.node:
@@ -109,8 +116,9 @@ def kernels_per_layer(model: onnx.ModelProto, layers, weight: str = "weight") ->
             node = by_name.get(layer.name, node)
         kernel = node.op_type if node is not None else "-"
         rows.append({"layer": layer.name, "op": layer.op, "kernel": kernel,
-                     "integer": kernel in INTEGER_KERNELS, "x_dtype": layer.x_dtype,
-                     "w_dtype": layer.w_dtype, "x_range": layer.x_range,
+                     "integer": kernel in INTEGER_KERNELS,
+                     "x_dtype": getattr(layer, prefix + "x_dtype"),
+                     "w_dtype": getattr(layer, prefix + "w_dtype"), "x_range": layer.x_range,
                      "w_range": layer.w_range, "reason": layer.reason})
     return rows
 
@@ -177,9 +185,8 @@ def saturation_probe(layers, channels: int = 64) -> List[dict]:
         worst, ran = 0.0, set()
         for wv in sorted(set(w_range)):
             model = _probe_model(kernel, x_dtype, zx, w_dtype, zw, wv, channels, out_scale)
-            ran |= {n.op_type for n in executed_graph(model).graph.node
-                    if n.op_type in INTEGER_KERNELS}
-            sess = session(model, threads=1)
+            sess, executed = session_and_graph(model, threads=1)
+            ran |= {n.op_type for n in executed.graph.node if n.op_type in INTEGER_KERNELS}
             shape = sess.get_inputs()[0].shape
             for xv in sorted(set(x_range)):
                 x = (np.full(shape, xv + zx, np.dtype(x_dtype)) if kernel not in QDQ_KERNELS
