@@ -13,6 +13,12 @@ Peak memory is the high-water mark of the bytes the step allocates beyond what w
 
     python benchmarks/bench_quantiser.py                 # all bit widths, sigma 0.5 and 2.0
     python benchmarks/bench_quantiser.py --bits 2 --sigmas 0.5 --noise normal --repeats 5
+    python benchmarks/bench_quantiser.py --backward exact floor --sigmas 0 0.1 0.5 --health
+
+``--backward floor`` measures the floored gradient (backward noise ``max(sigma, sigma_grad_min)``,
+the family's starting noise by default; at ``sigma`` 0 the forward is the exact stair and the
+slope costs one evaluation); ``--health`` adds the recipe's gradient-health hooks
+(``brevitas_ana.GradientHealth``) to the ANA step.
 """
 from __future__ import annotations
 
@@ -52,14 +58,16 @@ def build_cnv(wbits, abits, ana=False, **ana_options):
 
 
 class Step:
-    def __init__(self, model, images, labels):
-        self.model, self.images, self.labels = model, images, labels
+    def __init__(self, model, images, labels, health=None):
+        self.model, self.images, self.labels, self.health = model, images, labels, health
         self.opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def __call__(self):
         self.opt.zero_grad(set_to_none=True)
         loss = torch.nn.functional.cross_entropy(self.model(self.images), self.labels)
         loss.backward()
+        if self.health is not None:
+            self.health.after_backward()
         self.opt.step()
 
 
@@ -95,6 +103,11 @@ def main(argv=None):
     p.add_argument("--noise", default="uniform", choices=brevitas_ana.noise.noise_families())
     p.add_argument("--strategy", default="expectation",
                    choices=brevitas_ana.functional.STRATEGIES)
+    p.add_argument("--backward", nargs="+", default=["exact"],
+                   choices=brevitas_ana.functional.BACKWARDS, help="backward policies")
+    p.add_argument("--sigma-grad-min", type=float, default=None,
+                   help="floor of the floor policy (default: the family's starting noise)")
+    p.add_argument("--health", action="store_true", help="add gradient-health hooks to ANA")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--repeats", type=int, default=9, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=2)
@@ -110,9 +123,10 @@ def main(argv=None):
 
     print(f"CNV training step, batch {args.batch_size}x3x32x32, device {device}, "
           f"torch threads {torch.get_num_threads()}, noise {args.noise}, "
-          f"strategy {args.strategy}, {args.repeats} interleaved repeats (median)")
-    header = (f"{'config':>6} {'sigma':>6} {'stock ms':>9} {'ANA ms':>9} {'time ratio':>10} "
-              f"{'stock MiB':>9} {'ANA MiB':>9} {'mem ratio':>9}")
+          f"strategy {args.strategy}, {args.repeats} interleaved repeats (median)"
+          + (", gradient-health hooks on ANA" if args.health else ""))
+    header = (f"{'config':>6} {'sigma':>6} {'backward':>8} {'stock ms':>9} {'ANA ms':>9} "
+              f"{'time ratio':>10} {'stock MiB':>9} {'ANA MiB':>9} {'mem ratio':>9}")
     print(header)
     print("-" * len(header))
     for bits in args.bits:
@@ -123,9 +137,17 @@ def main(argv=None):
                         ana_strategy=args.strategy).to(device).train()
         stock(images)  # initialise runtime-stats scales before copying them over
         ana.load_state_dict(stock.state_dict())
-        for sigma in args.sigmas:
-            brevitas_ana.set_noise(ana, sigma)
-            steps = {"stock": Step(stock, images, labels), "ana": Step(ana, images, labels)}
+        health = None
+        if args.health:
+            controller = brevitas_ana.AnaController(ana, preset="static", sigma=0.0,
+                                                    example_input=images[:2])
+            health = brevitas_ana.GradientHealth(controller)
+        for sigma, backward in ((s, b) for s in args.sigmas for b in args.backward):
+            for _, q in brevitas_ana.ana_quantizers(ana):
+                q.backward = backward
+            brevitas_ana.set_noise(ana, sigma, sigma_grad_min=args.sigma_grad_min)
+            steps = {"stock": Step(stock, images, labels),
+                     "ana": Step(ana, images, labels, health)}
             for _ in range(args.warmup):
                 for s in steps.values():
                     s()
@@ -139,7 +161,7 @@ def main(argv=None):
                     times[k].append(time.perf_counter() - t0)
             t_stock, t_ana = (statistics.median(times[k]) for k in ("stock", "ana"))
             m_stock, m_ana = (peak_bytes(steps[k], device) for k in ("stock", "ana"))
-            print(f"{f'W{wbits}A{abits}':>6} {sigma:>6g} {1e3 * t_stock:>9.1f} "
+            print(f"{f'W{wbits}A{abits}':>6} {sigma:>6g} {backward:>8} {1e3 * t_stock:>9.1f} "
                   f"{1e3 * t_ana:>9.1f} {t_ana / t_stock:>10.3f} {m_stock / 2**20:>9.1f} "
                   f"{m_ana / 2**20:>9.1f} {m_ana / m_stock:>9.3f}", flush=True)
 

@@ -5,7 +5,9 @@ Where things live:
     functional.py  ana_round: the smoothed stair and its autograd function (where sigma is used)
     quant.py       Brevitas adaptation: Ana* quantisers, ana_quant(), set_noise() (where it is stored)
     schedules.py   annealing factors g(t)
-    controller.py  AnaController: orders and groups quantisers, sets sigma(t) (where it comes from)
+    controller.py  AnaController: orders and groups quantisers, sets sigma(t) and the backward
+                   noise (where they come from)
+    health.py      GradientHealth: how much gradient each group lets through
     convert.py     to_ana(), to_stock(), quantize_timm()
 """
 from brevitas_ana.quant import check_jit_disabled
@@ -13,7 +15,8 @@ from brevitas_ana.quant import check_jit_disabled
 check_jit_disabled()
 
 from brevitas_ana import functional, noise, schedules  # noqa: E402
-from brevitas_ana.controller import PRESETS, AnaController  # noqa: E402
+from brevitas_ana.controller import BACKWARD_POLICIES, PRESETS, AnaController  # noqa: E402
+from brevitas_ana.health import GradientHealth  # noqa: E402
 from brevitas_ana.convert import quantize_timm, to_ana, to_stock  # noqa: E402
 from brevitas_ana.functional import ana_round  # noqa: E402
 from brevitas_ana.noise import NoiseFamily, get_noise, register_noise  # noqa: E402
@@ -26,5 +29,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ana_round", "functional", "noise", "schedules", "NoiseFamily", "get_noise", "register_noise",
     "AnaQuantMixin", "ana_quant", "stock_quant", "ana_quantizers", "keep_quant_modules",
-    "set_noise", "AnaController", "PRESETS", "make_schedule", "to_ana", "to_stock",
+    "set_noise", "AnaController", "PRESETS", "BACKWARD_POLICIES", "GradientHealth", "make_schedule", "to_ana", "to_stock",
     "quantize_timm", "__version__"]

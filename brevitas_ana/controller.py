@@ -6,8 +6,10 @@ on every :meth:`AnaController.step` writes ``sigma = sigma0 * g_sigma(t)`` and
 ``mu = mu0 * g_mu(t)`` into the group's quantisers. Every rank of a distributed run steps the
 same deterministic schedule, so all ranks hold identical noise without communication.
 
-Presets, for ``n`` groups ``l = 0 .. n-1`` (input first), total time ``T`` and period ``P = T/n``
-(the paper's experiment design; windows are :class:`~brevitas_ana.schedules.Window`):
+Presets, for ``n`` groups ``l = 0 .. n-1`` (input first), annealing time ``T = anneal_end *
+total_steps`` and period ``P = T/n`` (the paper's experiment design, in which every window ends at
+epoch 350 of 500, ``anneal_end = 0.7``, and the rest of the run trains noise-free; windows are
+:class:`~brevitas_ana.schedules.Window`):
 
 ============= ========================== ===============================================
 preset        window of group l          exponents (sigma, mu)
@@ -19,6 +21,24 @@ same_start    [0, (l + 1) P]             (2, 1)
 same_end      [(n - l - 1) P, T]         (2, 1)
 static        none: constant noise       the classic STEs (never annealed)
 ============= ========================== ===============================================
+
+The backward policy sets the noise whose derivative is propagated, ``sigma_b``:
+
+============= ===================================================================================
+backward      sigma_b of a group at time t
+============= ===================================================================================
+exact         sigma(t): the true derivative of the smoothed forward (the reference code)
+floor         max(sigma(t), sigma_grad_min): the gradient never sharpens past the starting
+              noise, while the forward still anneals to the exact stair (a biased estimator)
+schedule      max(sigma(t), sigma_grad_min * g_grad(t)), ``g_grad`` from ``schedules[group]
+              ["sigma_grad"]`` (default: linear from 1 at t = 0 to 0 at the end of the run, i.e.
+              annealed more slowly than the forward)
+============= ===================================================================================
+
+``sigma = None`` and ``sigma_grad_min = None`` take the noise family's ``default_sigma`` (95 % of
+the mass within +-1/2 step, the reference experiment's starting noise). ``mu = 0.5`` with any
+preset is the reference's dynamic mean ("anneal to H+", reference ``mi = -1/2``), annealed with
+exponent ``alpha_mu``.
 """
 from __future__ import annotations
 
@@ -30,18 +50,20 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from brevitas_ana.functional import check_noise_args
+from brevitas_ana.functional import check_noise_args, check_number, check_sigma
+from brevitas_ana.noise import get_noise
 from brevitas_ana.quant import AnaQuantMixin
 from brevitas_ana.schedules import Constant, Schedule, Window, make_schedule
 
-__all__ = ["AnaController", "PRESETS"]
+__all__ = ["AnaController", "PRESETS", "BACKWARD_POLICIES"]
 
 PRESETS = ("homogeneous", "progressive", "partition", "same_start", "same_end", "static")
+BACKWARD_POLICIES = ("exact", "floor", "schedule")
 _ROLES = (("weight_quant", "weight"), ("input_quant", "input"), ("output_quant", "output"),
           ("act_quant", "act"))
 
 
-def _describe(name: str):
+def describe(name: str):
     """(layer name, role) of a quantiser module path such as
     ``features.3.act_quant.fused_activation_quant_proxy.tensor_quant.int_quant``."""
     parts = name.split(".")
@@ -81,13 +103,20 @@ class AnaController:
     Args:
         model: a model with ANA quantisers (a DDP wrapper is unwrapped).
         preset: one of :data:`PRESETS`.
-        total_steps: optimiser steps over which the presets anneal (required unless static).
-        sigma, mu: starting standard deviation and mean of the noise, in quantisation steps.
+        total_steps: optimiser steps of the whole run (required unless static).
+        anneal_end: fraction of ``total_steps`` by which every preset window has ended, in
+            (0, 1]; the rest of the run trains noise-free.
+        sigma, mu: starting standard deviation and mean of the noise, in quantisation steps
+            (``sigma=None``: the family's ``default_sigma``).
+        backward: backward policy, one of :data:`BACKWARD_POLICIES` (table above).
+        sigma_grad_min: the backward floor of ``floor`` / ``schedule`` (``None``: the family's
+            ``default_sigma``).
         groups: ``None`` (by layer: a layer's quantisers plus the activation quantiser right after
             it) or ``{group name: [fnmatch patterns]}`` matched against the quantisers' layer names
             and full module names; every quantiser must match exactly one group.
-        schedules: per-group overrides ``{group name or "*": {"sigma": cfg, "mu": cfg}}`` of the
-            preset, each ``cfg`` a :func:`~brevitas_ana.schedules.make_schedule` dict, in time units.
+        schedules: per-group overrides ``{group name or "*": {"sigma": cfg, "mu": cfg,
+            "sigma_grad": cfg}}`` of the preset, each ``cfg`` a
+            :func:`~brevitas_ana.schedules.make_schedule` dict, in time units.
         time_unit: ``"step"`` or ``"epoch"`` (then ``steps_per_epoch`` is required and times are
             fractional epochs).
         example_input: a batch to order the quantisers right away (run in eval mode, no grad);
@@ -95,7 +124,9 @@ class AnaController:
     """
 
     def __init__(self, model: nn.Module, preset: str = "progressive",
-                 total_steps: Optional[int] = None, sigma: float = 0.5, mu: float = 0.0,
+                 total_steps: Optional[int] = None, sigma: Optional[float] = None,
+                 mu: float = 0.0, backward: str = "floor",
+                 sigma_grad_min: Optional[float] = None, anneal_end: float = 0.7,
                  groups: Optional[Dict[str, Sequence[str]]] = None,
                  schedules: Optional[Dict[str, dict]] = None, time_unit: str = "step",
                  steps_per_epoch: Optional[int] = None, example_input=None):
@@ -105,7 +136,28 @@ class AnaController:
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
         self.preset = preset
+        if backward not in BACKWARD_POLICIES:
+            raise ValueError(f"backward must be one of {BACKWARD_POLICIES}, got {backward!r}")
+        self.backward = backward
+        anneal_end = check_number("anneal_end", anneal_end)
+        if not 0.0 < anneal_end <= 1.0:
+            raise ValueError(f"anneal_end must be in (0, 1] (a fraction of the run), "
+                             f"got {anneal_end}")
+        self.anneal_end = anneal_end
+        self._quantizers: Dict[str, AnaQuantMixin] = OrderedDict(
+            (name, m) for name, m in model.named_modules() if isinstance(m, AnaQuantMixin))
+        if not self._quantizers:
+            raise ValueError("model: no ANA quantiser found (use Ana* quantisers or to_ana first)")
+        if sigma is None or sigma_grad_min is None:
+            families = sorted({m.noise for m in self._quantizers.values()})
+            if len(families) > 1:
+                raise ValueError(f"sigma: the model mixes noise families {families}; give sigma "
+                                 "and sigma_grad_min explicitly")
+            default = get_noise(families[0]).default_sigma
+            sigma = default if sigma is None else sigma
+            sigma_grad_min = default if sigma_grad_min is None else sigma_grad_min
         self.sigma0, self.mu0 = check_noise_args(sigma, mu, "expectation", "ste")
+        self.sigma_grad_min = check_sigma("sigma_grad_min", sigma_grad_min)
         if time_unit not in ("step", "epoch"):
             raise ValueError(f"time_unit must be 'step' or 'epoch', got {time_unit!r}")
         if time_unit == "epoch" and not (isinstance(steps_per_epoch, int) and steps_per_epoch > 0):
@@ -119,15 +171,13 @@ class AnaController:
         self.group_patterns = {k: list(v) for k, v in groups.items()} if groups else None
         self.schedule_overrides = dict(schedules or {})
         self.step_count = 0
-        self._quantizers: Dict[str, AnaQuantMixin] = OrderedDict(
-            (name, m) for name, m in model.named_modules() if isinstance(m, AnaQuantMixin))
-        if not self._quantizers:
-            raise ValueError("model: no ANA quantiser found (use Ana* quantisers or to_ana first)")
         self._groups: Optional["OrderedDict[str, List[str]]"] = None
         self._schedules = None
         self._pending_state = None
         for m in self._quantizers.values():
-            m.set_noise(self.sigma0, self.mu0)  # every preset starts at g = 1
+            # every preset starts at g = 1; the controller's policy replaces the quantisers' own
+            m.backward = "exact" if backward == "exact" else "floor"
+            m.set_noise(self.sigma0, self.mu0, self.sigma_grad_min)
         if example_input is not None:
             self._order_with(example_input)
         else:
@@ -183,15 +233,21 @@ class AnaController:
         if unknown:
             raise ValueError(f"schedules: unknown group(s) {unknown}; groups: {list(self._groups)}")
         total = self._to_time(self.total_steps) if self.total_steps else 1.0
-        presets = preset_schedules(self.preset, len(self._groups), total)
+        presets = preset_schedules(self.preset, len(self._groups), self.anneal_end * total)
+        grad_default = Window(0.0, total, 1.0) if self.backward == "schedule" else Constant()
         self._schedules = OrderedDict()
         for (name, _), (s_sigma, s_mu) in zip(self._groups.items(), presets):
             override = self.schedule_overrides.get(name, self.schedule_overrides.get("*", {}))
-            bad = sorted(set(override) - {"sigma", "mu"})
+            bad = sorted(set(override) - {"sigma", "mu", "sigma_grad"})
             if bad:
-                raise ValueError(f"schedules[{name!r}]: unknown key(s) {bad}; use 'sigma', 'mu'")
+                raise ValueError(f"schedules[{name!r}]: unknown key(s) {bad}; use 'sigma', 'mu', "
+                                 "'sigma_grad'")
+            if "sigma_grad" in override and self.backward != "schedule":
+                raise ValueError(f"schedules[{name!r}]: 'sigma_grad' needs backward='schedule', "
+                                 f"got backward={self.backward!r}")
             self._schedules[name] = (make_schedule(override.get("sigma", s_sigma)),
-                                     make_schedule(override.get("mu", s_mu)))
+                                     make_schedule(override.get("mu", s_mu)),
+                                     make_schedule(override.get("sigma_grad", grad_default)))
         pending, self._pending_state = self._pending_state, None
         if pending is not None:
             self.load_state_dict(pending)
@@ -202,7 +258,7 @@ class AnaController:
         groups: "OrderedDict[str, List[str]]" = OrderedDict()
         current = None  # (group name, last layer, has weight, has act)
         for name in order:
-            layer, role = _describe(name)
+            layer, role = describe(name)
             if current and (layer == current[1] or (role == "act" and current[2]
                                                      and not current[3])):
                 groups[current[0]].append(name)
@@ -220,7 +276,7 @@ class AnaController:
         members = {g: [] for g in self.group_patterns}
         uncovered, doubled = [], []
         for name in order:
-            layer, _ = _describe(name)
+            layer, _ = describe(name)
             hits = [g for g, pats in self.group_patterns.items()
                     if any(fnmatch.fnmatchcase(layer, p) or fnmatch.fnmatchcase(name, p)
                            for p in pats)]
@@ -253,19 +309,32 @@ class AnaController:
             raise RuntimeError("AnaController: quantisers are ordered by the first forward pass; "
                                "run one (or pass example_input) first")
 
+    def _noise(self, t: float) -> "OrderedDict[str, tuple]":
+        """{group: (sigma, mu, backward floor)} at time ``t``: sigma0 g_sigma(t), mu0 g_mu(t) and
+        sigma_grad_min g_grad(t) (0 under the ``exact`` policy)."""
+        self._require_order()
+        floor = 0.0 if self.backward == "exact" else self.sigma_grad_min
+        return OrderedDict((g, (self.sigma0 * s(t), self.mu0 * m(t), floor * grad(t)))
+                           for g, (s, m, grad) in self._schedules.items())
+
     def noise_at(self, t: float) -> "OrderedDict[str, tuple]":
         """{group: (sigma, mu)} at time ``t``."""
-        self._require_order()
-        return OrderedDict((g, (self.sigma0 * s(t), self.mu0 * m(t)))
-                           for g, (s, m) in self._schedules.items())
+        return OrderedDict((g, (s, m)) for g, (s, m, _) in self._noise(t).items())
+
+    def grad_sigmas_at(self, t: float) -> "OrderedDict[str, float]":
+        """{group: sigma_b = max(sigma, floor)}, the backward noise at time ``t``."""
+        return OrderedDict((g, max(s, f)) for g, (s, _, f) in self._noise(t).items())
 
     def apply(self):
         """Write the current noise into every quantiser. ``step`` and ``load_state_dict`` do it;
         call it after loading a model state_dict, which makes Brevitas rebuild its quantisers."""
-        for g, (sigma, mu) in self.noise_at(self.t).items():
+        policy = "exact" if self.backward == "exact" else "floor"
+        for g, (sigma, mu, floor) in self._noise(self.t).items():
             for name in self._groups[g]:
                 # looked up by name: Brevitas replaces quantiser modules when loading a state_dict
-                self.model.get_submodule(name).set_noise(sigma, mu)
+                m = self.model.get_submodule(name)
+                m.backward = policy
+                m.set_noise(sigma, mu, floor)
 
     def step(self, n: int = 1):
         """Advance time by ``n`` optimiser steps and update every quantiser's noise."""
@@ -281,6 +350,10 @@ class AnaController:
         """{group name: current mu}, input first."""
         return OrderedDict((g, m) for g, (_, m) in self.noise_at(self.t).items())
 
+    def grad_sigmas(self) -> "OrderedDict[str, float]":
+        """{group name: current backward noise sigma_b}, input first."""
+        return self.grad_sigmas_at(self.t)
+
     @property
     def groups(self) -> "OrderedDict[str, List[str]]":
         """{group name: [quantiser module names]}, input first."""
@@ -295,12 +368,14 @@ class AnaController:
         """A table of groups, members and current noise; printed, and returned."""
         self._require_order()
         lines = [f"AnaController: preset={self.preset}, sigma0={self.sigma0:g}, "
-                 f"mu0={self.mu0:g}, t={self.t:g} {self.time_unit}(s), "
+                 f"mu0={self.mu0:g}, backward={self.backward}, "
+                 f"sigma_grad_min={self.sigma_grad_min:g}, anneal_end={self.anneal_end:g}, "
+                 f"t={self.t:g} {self.time_unit}(s), "
                  f"{len(self._groups)} groups, {len(self._quantizers)} quantisers"]
-        now = self.noise_at(self.t)
+        now, grad = self.noise_at(self.t), self.grad_sigmas()
         for g, members in self._groups.items():
             sigma, mu = now[g]
-            lines.append(f"  {g}: sigma={sigma:.4g} mu={mu:.4g}")
+            lines.append(f"  {g}: sigma={sigma:.4g} mu={mu:.4g} sigma_b={grad[g]:.4g}")
             lines.extend(f"      {name}" for name in members)
         text = "\n".join(lines)
         print(text, file=file)
@@ -330,11 +405,12 @@ class AnaController:
     # --- checkpointing ------------------------------------------------------------------------
     def _config(self):
         return {"preset": self.preset, "total_steps": self.total_steps, "sigma": self.sigma0,
-                "mu": self.mu0, "time_unit": self.time_unit,
-                "steps_per_epoch": self.steps_per_epoch,
+                "mu": self.mu0, "backward": self.backward,
+                "sigma_grad_min": self.sigma_grad_min, "anneal_end": self.anneal_end,
+                "time_unit": self.time_unit, "steps_per_epoch": self.steps_per_epoch,
                 "groups": list(self._groups) if self._groups is not None else None,
-                "schedules": {g: [s.to_dict(), m.to_dict()]
-                              for g, (s, m) in (self._schedules or {}).items()}}
+                "schedules": {g: [s.to_dict() for s in trio]
+                              for g, trio in (self._schedules or {}).items()}}
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "config": self._config()}

@@ -15,7 +15,7 @@ from brevitas.proxy.parameter_quant import WeightQuantProxyFromInjectorBase
 from brevitas.proxy.runtime_quant import ActQuantProxyFromInjectorBase
 from torch import nn
 
-from brevitas_ana.functional import check_noise_args
+from brevitas_ana.functional import check_backward, check_noise_args, check_sigma
 from brevitas_ana.noise import get_noise
 from brevitas_ana.quant import (ANA_OPTIONS, STOCK, TWINS, AnaInt8ActPerTensorFloat,
                                 AnaInt8WeightPerChannelFloat, AnaQuantMixin, ana_quant,
@@ -23,7 +23,8 @@ from brevitas_ana.quant import (ANA_OPTIONS, STOCK, TWINS, AnaInt8ActPerTensorFl
 
 __all__ = ["to_ana", "to_stock", "quant_proxies", "quantize_timm"]
 
-_NOISE_FIELDS = ("noise", "strategy", "annealed_grad", "sigma", "mu")
+_NOISE_FIELDS = ("noise", "strategy", "annealed_grad", "sigma", "mu", "backward",
+                 "sigma_grad_min")
 
 
 def quant_proxies(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
@@ -52,22 +53,29 @@ def _swap_leaves(proxy: nn.Module, mapping: dict, init) -> int:
 
 
 def to_ana(model: nn.Module, noise: str = "uniform", strategy: str = "expectation",
-           annealed_grad: str = "ste", sigma: float = 0.0, mu: float = 0.0) -> nn.Module:
+           annealed_grad: str = "ste", sigma: float = 0.0, mu: float = 0.0,
+           backward: str = "exact", sigma_grad_min: float = None) -> nn.Module:
     """Switch every integer / binary weight and activation quantiser of a Brevitas model to its
     ANA twin, in place; returns the model. Weights, learned scales and statistics are kept.
+    The keywords are the quantisers' ANA options (see :class:`~brevitas_ana.quant.AnaQuantMixin`);
+    ``sigma_grad_min=None`` is the family's ``default_sigma``.
 
     Quantisers with no ANA twin (float, ternary-threshold) are left as they are, with a warning;
     ``ValueError`` if there is nothing to convert."""
     get_noise(noise)
     sigma, mu = check_noise_args(sigma, mu, strategy, annealed_grad)
+    check_backward(backward)
+    if sigma_grad_min is not None:
+        sigma_grad_min = check_sigma("sigma_grad_min", sigma_grad_min)
     options = dict(ana_noise=noise, ana_strategy=strategy, ana_annealed_grad=annealed_grad,
-                   ana_sigma=sigma, ana_mu=mu)
+                   ana_sigma=sigma, ana_mu=mu, ana_backward=backward,
+                   ana_sigma_grad_min=sigma_grad_min)
     converted, skipped = 0, []
     for name, proxy in quant_proxies(model):
         if any(isinstance(m, AnaQuantMixin) for m in proxy.modules()):
             continue
-        n = _swap_leaves(proxy, TWINS, lambda m: m._init_ana(noise, strategy, annealed_grad,
-                                                              sigma, mu))
+        n = _swap_leaves(proxy, TWINS, lambda m: m._init_ana(
+            noise, strategy, annealed_grad, sigma, mu, backward, sigma_grad_min))
         if n == 0:
             if getattr(proxy, "is_quant_enabled", False):
                 skipped.append(name)

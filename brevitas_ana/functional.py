@@ -9,7 +9,20 @@ standardised family) gives
     d/dy E[Q(y + n)] = sum_k f((y + mu - t_k) / sigma) / sigma
 
 :func:`ana_round` returns the expectation, the most probable level or one sample of ``Q(y + n)``
-(the *strategy*) and always back-propagates the derivative of the expectation.
+(the *strategy*) and back-propagates the derivative of the expectation, taken at the backward
+noise ``sigma_b = max(sigma, sigma_grad_min)``:
+
+    gradient = sum_k f((y + mu - t_k) / sigma_b) / sigma_b
+
+``sigma_grad_min = 0`` (the ``exact`` backward policy) gives the true derivative of the forward's
+expectation. A positive floor (the ``floor`` policy) keeps the gradient from collapsing into a few
+tall, narrow spikes as ``sigma`` is annealed to 0: once ``sigma`` is below the floor the forward is
+sharper than the function whose derivative is propagated, so the gradient is *biased*, as every
+straight-through estimator is (with uniform noise and a floor of half a step it is the clipped
+identity STE inside the clamp range). Prefer ``exact`` where an unbiased gradient of the smoothed
+network matters more than gradient flow (large sigma, or a few layers); prefer ``floor`` for
+training deep chains of quantisers, where the exact gradient of a nearly sharp stair starves the
+layers before it.
 """
 from __future__ import annotations
 
@@ -23,12 +36,16 @@ from torch import Tensor
 
 from brevitas_ana.noise import NoiseFamily, get_noise
 
-__all__ = ["ana_round", "STRATEGIES", "ANNEALED_GRADS", "expectation_and_slope", "slope_tensor"]
+__all__ = ["ana_round", "STRATEGIES", "ANNEALED_GRADS", "BACKWARDS", "expectation_and_slope",
+           "slope_tensor"]
 
 STRATEGIES = ("expectation", "mode", "random")
 #: What the gradient is once sigma has been annealed to 0: Brevitas' usual round-STE
 #: (identity inside the clamp range) or the exact derivative of the stair, i.e. zero.
 ANNEALED_GRADS = ("ste", "zero")
+#: Backward policies of a quantiser: the derivative of the forward's expectation (``exact``) or
+#: of the expectation at ``max(sigma, sigma_grad_min)`` (``floor``).
+BACKWARDS = ("exact", "floor")
 
 Number = Union[float, int, Tensor]
 
@@ -39,7 +56,9 @@ Number = Union[float, int, Tensor]
 SIGMA_MIN = 1e-4
 
 
-def _scalar(name: str, value: Number) -> float:
+def check_number(name: str, value: Number) -> float:
+    """A finite Python float from a number or a one-element tensor; ``ValueError`` naming
+    ``name``."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a 0-dim tensor, got shape "
@@ -55,18 +74,30 @@ def _scalar(name: str, value: Number) -> float:
 
 
 def _bound(name: str, value: Number) -> int:
-    v = _scalar(name, value)
+    v = check_number(name, value)
     if v != round(v):
         raise ValueError(f"{name} must be an integer clamp bound, got {v}")
     return int(round(v))
 
 
+def check_sigma(name: str, value: Number) -> float:
+    """A finite, non-negative standard deviation (steps); ``ValueError`` naming ``name``."""
+    value = check_number(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0 (a standard deviation in steps), got {value}")
+    return value
+
+
+def check_backward(backward: str) -> str:
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+    return backward
+
+
 def check_noise_args(sigma: Number, mu: Number, strategy: str, annealed_grad: str):
     """Validate and convert the noise arguments; ``ValueError`` naming the bad one."""
-    sigma = _scalar("sigma", sigma)
-    if sigma < 0:
-        raise ValueError(f"sigma must be >= 0 (a standard deviation in steps), got {sigma}")
-    mu = _scalar("mu", mu)
+    sigma = check_sigma("sigma", sigma)
+    mu = check_number("mu", mu)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if annealed_grad not in ANNEALED_GRADS:
@@ -150,29 +181,36 @@ def _mode(family: NoiseFamily, u: Tensor, lo: int, hi: int, sigma: float) -> Ten
 
 
 class _AnaRoundFn(torch.autograd.Function):
-    """Forward: the chosen strategy; backward: d/dy E[Q(y + n)] for every strategy.
+    """Forward: the chosen strategy at ``sigma`` (the exact stair once ``sigma < SIGMA_MIN``);
+    backward: d/dy E[Q(y + n)] at ``sigma_b = max(sigma, sigma_grad_min)`` for every strategy.
 
     Only the slope is saved for backward, and only when a gradient is needed: one tensor like
-    ``y``, or one byte per element when the family's closed form gives it as integer counts. Computation is in float32 (float64 for float64 inputs), so autocast's bf16/fp16
-    inputs don't round the thresholds; the output has the input's dtype.
+    ``y``, or one byte per element when the family's closed form gives it as integer counts.
+    Computation is in float32 (float64 for float64 inputs), so autocast's bf16/fp16 inputs don't
+    round the thresholds; the output has the input's dtype. When ``sigma_b == sigma`` and the
+    strategy is ``expectation`` value and slope come from one evaluation; otherwise the slope is
+    one extra evaluation (without the value).
     """
 
     @staticmethod
-    def forward(ctx, y, lo, hi, family, sigma, mu, strategy):
+    def forward(ctx, y, lo, hi, family, sigma, mu, strategy, sigma_b):
         need_grad = ctx.needs_input_grad[0]
         u = y if y.dtype == torch.float64 else y.float()
         if mu != 0.0:
             u = u + mu
-        if strategy == "expectation":
-            out, slope = expectation_and_slope(family, u, lo, hi, sigma, True, need_grad)
-        else:
-            _, slope = (expectation_and_slope(family, u, lo, hi, sigma, False, True)
-                        if need_grad else (None, None))
-            if strategy == "mode":
-                out = _mode(family, u, lo, hi, sigma)
-            else:  # random: one sample of clamp(round(u + e), lo, hi)
-                out = torch.clamp(torch.round(u + sigma * family.sample(u)), lo, hi)
+        slope = None
+        if sigma < SIGMA_MIN:  # forward annealed: the stair itself (mu ignored, as in ana_round)
+            out = torch.clamp(torch.round(y), lo, hi)
+        elif strategy == "expectation":
+            out, slope = expectation_and_slope(family, u, lo, hi, sigma, True,
+                                               need_grad and sigma_b == sigma)
+        elif strategy == "mode":
+            out = _mode(family, u, lo, hi, sigma)
+        else:  # random: one sample of clamp(round(u + e), lo, hi)
+            out = torch.clamp(torch.round(u + sigma * family.sample(u)), lo, hi)
         if need_grad:
+            if slope is None:
+                _, slope = expectation_and_slope(family, u, lo, hi, sigma_b, False, True)
             if isinstance(slope, tuple):  # (small integer counts, factor): keep counts compact
                 counts, ctx.factor = slope
                 # counts <= hi - lo, so 8 bits hold them up to 8-bit quantisers
@@ -190,7 +228,7 @@ class _AnaRoundFn(torch.autograd.Function):
         grad = grad_out * slope
         if ctx.factor is not None:
             grad = grad.mul_(ctx.factor)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def slope_tensor(slope) -> Tensor:
@@ -203,7 +241,7 @@ def slope_tensor(slope) -> Tensor:
 
 def ana_round(y: Tensor, lo: Number, hi: Number, noise: Union[str, NoiseFamily] = "uniform",
               sigma: Number = 0.0, mu: Number = 0.0, strategy: str = "expectation",
-              annealed_grad: str = "ste") -> Tensor:
+              annealed_grad: str = "ste", sigma_grad_min: Number = 0.0) -> Tensor:
     """ANA rounding of ``y`` (in quantisation steps) to the integers ``lo .. hi``.
 
     Returns, with ``n`` a noise of family ``noise``, mean ``mu`` and standard deviation ``sigma``:
@@ -213,27 +251,32 @@ def ana_round(y: Tensor, lo: Number, hi: Number, noise: Union[str, NoiseFamily] 
     - ``strategy="random"``: one sample of it (uniform noise of std ``1/sqrt(12)``, i.e. half-width
       1/2, gives stochastic rounding).
 
-    The gradient with respect to ``y`` is ``sum_k f((y+mu-t_k)/sigma)/sigma`` for all three.
+    The gradient with respect to ``y`` is ``sum_k f((y+mu-t_k)/sigma_b)/sigma_b`` for all three,
+    with the backward noise ``sigma_b = max(sigma, sigma_grad_min)``: ``sigma_grad_min = 0`` is the
+    exact derivative of the expectation, a positive one floors the backward smoothing (a biased
+    estimator, like every STE; see the module docstring).
 
     With ``sigma == 0`` (in practice ``sigma < SIGMA_MIN = 1e-4``) the noise has been annealed
-    away: the output is exactly
-    ``clamp(round(y), lo, hi)`` (``mu`` is ignored), and the gradient is Brevitas' round-STE one
-    (``annealed_grad="ste"``: 1 where ``lo <= round(y) <= hi``, else 0) or the stair's true
-    derivative, 0 everywhere (``annealed_grad="zero"``, the reference code's behaviour, which stops
-    every earlier layer from learning).
+    away: the output is exactly ``clamp(round(y), lo, hi)`` (``mu`` is ignored). The gradient is
+    then the floored one when ``sigma_grad_min >= SIGMA_MIN``; without a floor it is Brevitas'
+    round-STE one (``annealed_grad="ste"``: 1 where ``lo <= round(y) <= hi``, else 0) or the
+    stair's true derivative, 0 everywhere (``annealed_grad="zero"``, the reference code's
+    behaviour, which stops every earlier layer from learning).
 
-    Raises ``ValueError`` naming the argument for a negative or non-finite ``sigma``, a non-finite
-    ``mu``, an unknown ``noise`` or ``strategy``, non-integer bounds or ``lo > hi``.
+    Raises ``ValueError`` naming the argument for a negative or non-finite ``sigma`` or
+    ``sigma_grad_min``, a non-finite ``mu``, an unknown ``noise`` or ``strategy``, non-integer
+    bounds or ``lo > hi``.
     """
     family = get_noise(noise)
     sigma, mu = check_noise_args(sigma, mu, strategy, annealed_grad)
+    sigma_b = max(sigma, check_sigma("sigma_grad_min", sigma_grad_min))
     lo, hi = _bound("lo", lo), _bound("hi", hi)
     if lo > hi:
         raise ValueError(f"lo must not exceed hi, got lo={lo}, hi={hi}")
-    if sigma < SIGMA_MIN:
+    if sigma_b < SIGMA_MIN:
         if annealed_grad == "zero":
             return torch.clamp(torch.round(y), lo, hi)
         # Brevitas' TensorClamp, whose gradient also passes at round(y) == lo or hi
         # (new_full fills on the device; new_tensor would copy from the host and block it)
         return tensor_clamp(round_ste(y), y.new_full((), lo), y.new_full((), hi))
-    return _AnaRoundFn.apply(y, lo, hi, family, sigma, mu, strategy)
+    return _AnaRoundFn.apply(y, lo, hi, family, sigma, mu, strategy, sigma_b)

@@ -23,6 +23,22 @@ them together at most ``2 * (1 - F(support)) * (1 + sigma)`` to the expectation 
 ``2 * (f(support) / sigma + 1 - F(support))`` to its slope (each side's omitted terms are bounded by
 the first one plus the integral of the tail).
 
+Every family also has a *starting* noise, ``default_sigma``: the spread the reference experiment
+starts from, the one that puts 95 % of the mass within +-1/2 step (for the bounded families the
+whole support is +-1/2 step)::
+
+    bounded families:    default_sigma = (1/2) / support           (support * sigma = 1/2)
+    unbounded families:  default_sigma = (1/2) / F^-1(0.975)        (P(|e| < 1/2) = 0.95)
+
+=========== ============= ===========================
+family      default_sigma  reference parameter
+=========== ============= ===========================
+uniform     0.2887         half-width 0.5
+triangular  0.2041         half-width 0.5
+normal      0.2551         standard deviation 0.2551
+logistic    0.2476         scale 0.1365
+=========== ============= ===========================
+
 A user adds a family with :func:`register_noise`; the library needs nothing else.
 """
 from __future__ import annotations
@@ -50,6 +66,10 @@ class NoiseFamily:
         icdf: ``F^-1(p)`` for sampling (the ``"random"`` strategy); when omitted, ``F`` is inverted
             by bisection on ``[-support, support]``.
         reference_scale: the reference code's parameter for this family divided by ``sigma``.
+        bounded: True when ``support`` is exact (the noise never exceeds it), False when it is a
+            truncation point.
+        default_sigma: starting standard deviation (steps); when omitted, the one with 95 % of the
+            mass within +-1/2 step (bounded: support within +-1/2 step), see the module docstring.
         expectation: optional closed form ``(u, lo, hi, sigma) -> (E, dE/du)`` of
             ``E[clamp(round(u + e), lo, hi)]`` (``e`` of standard deviation ``sigma``) that replaces
             the generic sum over thresholds; ``dE/du`` may be a tensor or a pair
@@ -62,6 +82,8 @@ class NoiseFamily:
     support: float
     icdf: Optional[Callable[[Tensor], Tensor]] = None
     reference_scale: float = 1.0
+    bounded: bool = False
+    default_sigma: Optional[float] = None
     expectation: Optional[Callable[[Tensor, int, int, float], Tuple[Tensor, Tensor]]] = None
 
     def __post_init__(self):
@@ -74,6 +96,30 @@ class NoiseFamily:
             raise ValueError(
                 f"NoiseFamily {self.name!r}: support must be a finite positive number of "
                 f"standard deviations, got {self.support!r}")
+        if self.default_sigma is None:
+            # frozen dataclass: the derived default is set once, here
+            object.__setattr__(self, "default_sigma", 0.5 / self.mass_quantile(0.95))
+        elif not (isinstance(self.default_sigma, (int, float)) and math.isfinite(self.default_sigma)
+                  and self.default_sigma > 0):
+            raise ValueError(f"NoiseFamily {self.name!r}: default_sigma must be a finite positive "
+                             f"number, got {self.default_sigma!r}")
+
+    def mass_quantile(self, mass: float) -> float:
+        """The half-width ``z`` (standard deviations) with ``P(|e| <= z) = mass``, i.e.
+        ``F^-1((1 + mass) / 2)``; for a bounded family the whole support, whatever ``mass``."""
+        if self.bounded:
+            return float(self.support)
+        p = (1.0 + mass) / 2.0
+        if self.icdf is not None:
+            return float(self.icdf(torch.tensor(p, dtype=torch.float64)))
+        lo, hi = 0.0, float(self.support)
+        for _ in range(60):  # bisection on F
+            mid = 0.5 * (lo + hi)
+            if float(self.cdf(torch.tensor(mid, dtype=torch.float64))) < p:
+                lo = mid
+            else:
+                hi = mid
+        return 0.5 * (lo + hi)
 
     def sample(self, like: Tensor) -> Tensor:
         """Standardised noise samples with the shape, dtype and device of ``like``."""
@@ -160,6 +206,7 @@ register_noise(NoiseFamily(
     support=_SQRT3,
     icdf=lambda p: (2.0 * p - 1.0) * _SQRT3,
     reference_scale=_SQRT3,
+    bounded=True,
     expectation=_uniform_expectation,
 ))
 
@@ -185,6 +232,7 @@ register_noise(NoiseFamily(
     support=_SQRT6,
     icdf=_triangular_icdf,
     reference_scale=_SQRT6,
+    bounded=True,
 ))
 
 # --- normal: truncated at 6 standard deviations ----------------------------------------------

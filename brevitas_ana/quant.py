@@ -30,7 +30,8 @@ from brevitas.quant import (Int8ActPerTensorFloat, Int8WeightPerChannelFloat,
                             SignedTernaryWeightPerTensorConst, Uint8ActPerTensorFloat)
 from torch import Tensor, nn
 
-from brevitas_ana.functional import SIGMA_MIN, ana_round, check_noise_args
+from brevitas_ana.functional import (SIGMA_MIN, ana_round, check_backward, check_noise_args,
+                                     check_sigma)
 from brevitas_ana.noise import get_noise
 
 __all__ = [
@@ -61,34 +62,51 @@ class AnaQuantMixin:
 
     ``sigma`` is the noise's standard deviation and ``mu`` its mean, both in quantisation steps;
     ``noise`` the family, ``strategy`` the forward strategy, ``annealed_grad`` the gradient at
-    ``sigma == 0`` (see :func:`brevitas_ana.functional.ana_round`). Every rank of a distributed
-    run computes the same values from the same schedule, so nothing needs broadcasting.
+    ``sigma == 0`` (see :func:`brevitas_ana.functional.ana_round`). ``backward`` is the backward
+    policy: ``"exact"`` propagates the derivative of the forward's expectation, ``"floor"`` the
+    derivative at ``max(sigma, sigma_grad_min)`` (``sigma_grad_min`` defaults to the family's
+    ``default_sigma``). Every rank of a distributed run computes the same values from the same
+    schedule, so nothing needs broadcasting.
     """
 
-    def _init_ana(self, noise, strategy, annealed_grad, sigma, mu):
+    def _init_ana(self, noise, strategy, annealed_grad, sigma, mu, backward="exact",
+                  sigma_grad_min=None):
         check_jit_disabled()
-        self.noise = get_noise(noise).name
+        family = get_noise(noise)
+        self.noise = family.name
         self.strategy = strategy
         self.annealed_grad = annealed_grad
-        self.set_noise(sigma, mu)
+        self.backward = check_backward(backward)
+        self.sigma_grad_min = family.default_sigma
+        self.set_noise(sigma, mu, sigma_grad_min)
 
-    def set_noise(self, sigma, mu=0.0):
-        """Set the noise to standard deviation ``sigma`` and mean ``mu`` (steps)."""
+    def set_noise(self, sigma, mu=0.0, sigma_grad_min=None):
+        """Set the noise to standard deviation ``sigma`` and mean ``mu`` (steps), and, when given,
+        the backward floor ``sigma_grad_min`` (used by the ``floor`` policy)."""
         self.sigma, self.mu = check_noise_args(sigma, mu, self.strategy, self.annealed_grad)
+        if sigma_grad_min is not None:
+            self.sigma_grad_min = check_sigma("sigma_grad_min", sigma_grad_min)
+
+    @property
+    def grad_floor(self) -> float:
+        """The ``sigma_grad_min`` passed to :func:`ana_round`: 0 under the ``exact`` policy."""
+        return self.sigma_grad_min if self.backward == "floor" else 0.0
 
     @property
     def stock_path(self) -> bool:
         """True when the output must be the stock quantiser's: eval mode, or noise annealed away
-        with Brevitas' STE as the gradient."""
-        return not self.training or (self.sigma < SIGMA_MIN and self.annealed_grad == "ste")
+        (forward and backward) with Brevitas' STE as the gradient."""
+        return not self.training or (max(self.sigma, self.grad_floor) < SIGMA_MIN
+                                     and self.annealed_grad == "ste")
 
     def noise_args(self):
         return dict(noise=self.noise, sigma=self.sigma, mu=self.mu, strategy=self.strategy,
-                    annealed_grad=self.annealed_grad)
+                    annealed_grad=self.annealed_grad, sigma_grad_min=self.grad_floor)
 
     def extra_repr(self):
         return (f"noise={self.noise}, sigma={self.sigma:g}, mu={self.mu:g}, "
-                f"strategy={self.strategy}, annealed_grad={self.annealed_grad}")
+                f"strategy={self.strategy}, annealed_grad={self.annealed_grad}, "
+                f"backward={self.backward}, sigma_grad_min={self.sigma_grad_min:g}")
 
 
 def _check_round(float_to_int_impl):
@@ -106,11 +124,13 @@ class _AnaIntMixin(AnaQuantMixin):
                  float_to_int_impl: nn.Module = RoundSte(),
                  tensor_clamp_impl: nn.Module = TensorClamp(), quant_delay_steps: int = 0,
                  ana_noise: str = "uniform", ana_strategy: str = "expectation",
-                 ana_annealed_grad: str = "ste", ana_sigma: float = 0.0, ana_mu: float = 0.0):
+                 ana_annealed_grad: str = "ste", ana_sigma: float = 0.0, ana_mu: float = 0.0,
+                 ana_backward: str = "exact", ana_sigma_grad_min: float = None):
         super().__init__(narrow_range, signed, input_view_impl, float_to_int_impl,
                          tensor_clamp_impl, quant_delay_steps)
         _check_round(float_to_int_impl)
-        self._init_ana(ana_noise, ana_strategy, ana_annealed_grad, ana_sigma, ana_mu)
+        self._init_ana(ana_noise, ana_strategy, ana_annealed_grad, ana_sigma, ana_mu,
+                       ana_backward, ana_sigma_grad_min)
 
     def to_int(self, scale: Tensor, zero_point: Tensor, bit_width: Tensor, x: Tensor) -> Tensor:
         """``y = x / scale + zero_point``, then ``ana_round(y, min_int, max_int, ...)``."""
@@ -152,10 +172,14 @@ class _AnaBinaryMixin(AnaQuantMixin):
         # y = x / (2 scale) + 1/2 and out = 2 scale q - scale, one fused op each. new_full, not
         # new_tensor: a Python scalar copied to the GPU each step would block the host.
         y = torch.addcmul(scale.new_full((), 0.5), x, 0.5 / scale)
-        if self.sigma < SIGMA_MIN:  # annealed, zero gradient; same tie at 0 as binary_sign
-            q = (y >= 0.5).to(y.dtype)
+        if self.sigma < SIGMA_MIN and self.grad_floor < SIGMA_MIN:  # annealed, zero gradient
+            q = (y >= 0.5).to(y.dtype)  # same tie at 0 as binary_sign
         else:
             q = ana_round(y, 0, 1, **self.noise_args())
+            if self.sigma < SIGMA_MIN:
+                # the stair rounds the tie y = 1/2 (x = 0) half-to-even, to 0; sign gives +1.
+                # Added, not selected, so that the gradient still flows there.
+                q = q + (y == 0.5).to(q.dtype)
         out = torch.addcmul(-scale, q, 2.0 * scale)
         out = self.delay_wrapper(x, out)
         return out, scale, self.zero_point(), self.bit_width()
@@ -166,9 +190,11 @@ class AnaBinaryQuant(_AnaBinaryMixin, BinaryQuant):
 
     def __init__(self, scaling_impl: nn.Module, signed: bool = True, quant_delay_steps: int = 0,
                  ana_noise: str = "uniform", ana_strategy: str = "expectation",
-                 ana_annealed_grad: str = "ste", ana_sigma: float = 0.0, ana_mu: float = 0.0):
+                 ana_annealed_grad: str = "ste", ana_sigma: float = 0.0, ana_mu: float = 0.0,
+                 ana_backward: str = "exact", ana_sigma_grad_min: float = None):
         super().__init__(scaling_impl, signed, quant_delay_steps)
-        self._init_ana(ana_noise, ana_strategy, ana_annealed_grad, ana_sigma, ana_mu)
+        self._init_ana(ana_noise, ana_strategy, ana_annealed_grad, ana_sigma, ana_mu,
+                       ana_backward, ana_sigma_grad_min)
 
 
 class AnaClampedBinaryQuant(_AnaBinaryMixin, ClampedBinaryQuant):
@@ -177,9 +203,11 @@ class AnaClampedBinaryQuant(_AnaBinaryMixin, ClampedBinaryQuant):
     def __init__(self, scaling_impl: nn.Module, tensor_clamp_impl: nn.Module = TensorClamp(),
                  quant_delay_steps: int = 0, ana_noise: str = "uniform",
                  ana_strategy: str = "expectation", ana_annealed_grad: str = "ste",
-                 ana_sigma: float = 0.0, ana_mu: float = 0.0):
+                 ana_sigma: float = 0.0, ana_mu: float = 0.0, ana_backward: str = "exact",
+                 ana_sigma_grad_min: float = None):
         super().__init__(scaling_impl, tensor_clamp_impl, quant_delay_steps)
-        self._init_ana(ana_noise, ana_strategy, ana_annealed_grad, ana_sigma, ana_mu)
+        self._init_ana(ana_noise, ana_strategy, ana_annealed_grad, ana_sigma, ana_mu,
+                       ana_backward, ana_sigma_grad_min)
 
 
 # Stock module -> ANA twin. Wrappers are kept: their inner slot is swapped instead.
@@ -188,7 +216,8 @@ TWINS = {IntQuant: AnaIntQuant, DecoupledIntQuant: AnaDecoupledIntQuant,
 STOCK = {twin: stock for stock, twin in TWINS.items()}
 _WRAPPERS = {RescalingIntQuant, DecoupledRescalingIntQuant, DecoupledRescalingIntQuantWithInput}
 _SLOTS = ("tensor_quant", "int_quant", "decoupled_int_quant")
-ANA_OPTIONS = ("ana_noise", "ana_strategy", "ana_annealed_grad", "ana_sigma", "ana_mu")
+ANA_OPTIONS = ("ana_noise", "ana_strategy", "ana_annealed_grad", "ana_sigma", "ana_mu",
+               "ana_backward", "ana_sigma_grad_min")
 
 
 def _swap(quant_name: str, slot: str, cls, mapping):
@@ -289,12 +318,13 @@ def ana_quantizers(model: nn.Module) -> Iterator[Tuple[str, AnaQuantMixin]]:
             yield name, module
 
 
-def set_noise(model: nn.Module, sigma, mu=0.0) -> int:
+def set_noise(model: nn.Module, sigma, mu=0.0, sigma_grad_min=None) -> int:
     """Set standard deviation ``sigma`` and mean ``mu`` (steps) of every ANA quantiser in
-    ``model``; returns how many were set. ``ValueError`` if the model has none."""
+    ``model``, and the backward floor ``sigma_grad_min`` when given; returns how many were set.
+    ``ValueError`` if the model has none."""
     count = 0
     for _, module in ana_quantizers(model):
-        module.set_noise(sigma, mu)
+        module.set_noise(sigma, mu, sigma_grad_min)
         count += 1
     if count == 0:
         raise ValueError("model: no ANA quantiser found (swap quantisers with their Ana* twins "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +36,12 @@ class Config:
     noise: str = "uniform"
     strategy: str = "expectation"
     annealed_grad: str = "ste"
-    sigma: float = 0.5                  # starting noise std, in quantisation steps
-    mu: float = 0.0
+    sigma: Optional[float] = None       # starting noise std (steps); null: the family's default
+    mu: float = 0.0                     # 0.5: the reference's dynamic mean ("anneal to H+")
     preset: str = "progressive"
+    anneal_end: float = 0.7             # every window ends at this fraction of the run
+    backward: str = "floor"             # exact | floor | schedule (backward smoothing policy)
+    sigma_grad_min: Optional[float] = None  # backward floor (steps); null: the family's default
     # optimisation
     epochs: int = 500
     batch_size: int = 100
@@ -70,12 +74,13 @@ class Config:
 CHOICES = {
     "model": ("cnv", "vgg8", "resnet18"), "quantiser": ("ana", "ste"),
     "strategy": STRATEGIES, "annealed_grad": ANNEALED_GRADS, "preset": brevitas_ana.PRESETS,
+    "backward": brevitas_ana.BACKWARD_POLICIES,
     "optimizer": ("adam", "sgd"), "lr_schedule": ("step", "multistep", "cosine", "constant"),
     "loss": ("cross_entropy", "sqr_hinge"), "mixed_precision": ("no", "bf16", "fp16"),
 }
 POSITIVE = ("weight_bit_width", "act_bit_width", "in_bit_width", "epochs", "batch_size",
             "lr_step_epochs", "subset", "max_steps", "keep_checkpoints")
-NON_NEGATIVE = ("sigma", "lr", "weight_decay", "momentum", "lr_gamma", "clip_weights",
+NON_NEGATIVE = ("sigma", "sigma_grad_min", "lr", "weight_decay", "momentum", "lr_gamma", "clip_weights",
                 "val_split", "num_workers")
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
@@ -128,8 +133,15 @@ def validate(cfg: Config, where: str = "config") -> Config:
             raise ConfigError(f"{where}: {name} must be > 0, got {v!r}")
     for name in NON_NEGATIVE:
         v = getattr(cfg, name)
-        if v is not None and v < 0:
+        if v is not None and not v >= 0:  # "not >=" also catches nan
             raise ConfigError(f"{where}: {name} must be >= 0, got {v!r}")
+    for name in ("sigma", "sigma_grad_min", "mu", "anneal_end", "lr"):
+        v = getattr(cfg, name)
+        if v is not None and not math.isfinite(v):
+            raise ConfigError(f"{where}: {name} must be finite, got {v!r}")
+    if not 0.0 < cfg.anneal_end <= 1.0:
+        raise ConfigError(f"{where}: anneal_end must be in (0, 1] (a fraction of the run), got "
+                          f"{cfg.anneal_end!r}")
     return cfg
 
 

@@ -3,7 +3,10 @@
     python recipes/plot.py runs/cnv_w2a2            # reads runs/cnv_w2a2/metrics.csv
     python recipes/plot.py metrics.csv --out-dir plots
 
-Writes ``accuracy.png``, ``loss.png`` and ``sigma.png`` (sigma per ANA group over epochs).
+Writes ``accuracy.png``, ``loss.png``, ``sigma.png`` (sigma per ANA group over epochs) and, for
+ANA runs, ``gradient.png``: per group, the fraction of elements whose gradient passes the
+activation quantiser and the norm of the gradient reaching the weights (``brevitas_ana.health``),
+where a layer starved by annealing shows as a falling curve.
 """
 from __future__ import annotations
 
@@ -63,6 +66,26 @@ def plot_metrics(csv_path, out_dir=None):
     written.append(out_dir / "sigma.png")
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
+    pass_keys = [k for k in rows[0] if k.startswith("grad_pass/")]
+    norm_keys = [k for k in rows[0] if k.startswith("grad_norm/")]
+    if pass_keys or norm_keys:
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+        for k in pass_keys:
+            top.plot(epochs, _column(rows, k), marker="o", markersize=3, label=k.split("/", 1)[1])
+        top.set_ylabel("gradient passed (fraction)")
+        top.set_ylim(-0.02, 1.02)
+        for k in norm_keys:
+            bottom.plot(epochs, _column(rows, k), marker="o", markersize=3,
+                        label=k.split("/", 1)[1])
+        bottom.set_yscale("log")
+        bottom.set_ylabel("weight gradient norm")
+        bottom.set_xlabel("epoch")
+        top.set_title("gradient health per ANA group")
+        bottom.legend(fontsize="x-small", ncol=2)
+        fig.tight_layout()
+        written.append(out_dir / "gradient.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
     return written
 
 

@@ -219,8 +219,10 @@ def main(argv=None):
     if cfg.quantiser == "ana":
         controller = brevitas_ana.AnaController(
             net, preset=cfg.preset, total_steps=total_steps, sigma=cfg.sigma, mu=cfg.mu,
+            backward=cfg.backward, sigma_grad_min=cfg.sigma_grad_min, anneal_end=cfg.anneal_end,
             time_unit="epoch", steps_per_epoch=steps_per_epoch,
             example_input=torch.rand(2, 3, 32, 32, device=accelerator.device))
+        health = brevitas_ana.GradientHealth(controller)
     progress = Progress()
     accelerator.register_for_checkpointing(progress, scheduler)
     if controller is not None:
@@ -272,6 +274,8 @@ def main(argv=None):
             logits = model(images)
             loss = criterion(logits.float(), labels)
             accelerator.backward(loss)
+            if controller is not None:
+                health.after_backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if cfg.clip_weights is not None:
@@ -320,6 +324,10 @@ def main(argv=None):
         if controller is not None:
             row.update({f"sigma/{g}": s for g, s in controller.sigmas().items()})
             row.update({f"mu/{g}": m for g, m in controller.mus().items()})
+            row.update({f"sigma_b/{g}": s for g, s in controller.grad_sigmas().items()})
+            # the gradient that reached each group during the epoch (brevitas_ana.health)
+            for g, stats in health.read(reduce=accelerator.reduce).items():
+                row.update({f"{k}/{g}": v for k, v in stats.items()})
         accelerator.log(row, step=progress.step)
         if accelerator.is_main_process:
             new = not metrics_path.exists()

@@ -8,6 +8,8 @@ from torch import nn
 
 import brevitas_ana
 from brevitas_ana import AnaController
+from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerTensorFloat
+
 from brevitas_ana.quant import AnaInt8ActPerTensorFloat, AnaInt8WeightPerTensorFloat
 
 
@@ -84,7 +86,8 @@ def test_pattern_group_errors(groups, match):
 
 
 def expected_sigma(preset, l, n, t, total, sigma0):
-    """The presets' formulas, written out independently of brevitas_ana.schedules."""
+    """The presets' formulas, written out independently of brevitas_ana.schedules; ``total`` is
+    the annealing time (anneal_end * total_steps)."""
     p = total / n
     a = 2.0 * (n - l) if preset == "progressive" else 2.0
     start, end = {"homogeneous": (0, total), "progressive": (0, total),
@@ -99,19 +102,20 @@ def expected_sigma(preset, l, n, t, total, sigma0):
     return sigma0 * ((end - t) / (end - start)) ** a
 
 
+@pytest.mark.parametrize("anneal_end", [1.0, 0.7])
 @pytest.mark.parametrize("preset", ["homogeneous", "progressive", "partition", "same_start",
                                     "same_end", "static"])
-def test_preset_formulas(preset):
+def test_preset_formulas(preset, anneal_end):
     total = 40
     ctl = AnaController(make(), preset=preset, total_steps=total, sigma=0.8,
-                        example_input=torch.randn(2, 8))
+                        anneal_end=anneal_end, example_input=torch.randn(2, 8))
     quantisers = dict(brevitas_ana.ana_quantizers(ctl.model))
     n = len(ctl.groups)
-    for t in (0, 3, 10, 17, 20, 29, 39, 40, 45):
+    for t in (0, 3, 10, 17, 20, 27, 28, 29, 39, 40, 45):
         ctl.step(t - ctl.step_count)
         got = ctl.sigmas()
         for l, g in enumerate(got):
-            want = expected_sigma(preset, l, n, t, total, 0.8)
+            want = expected_sigma(preset, l, n, t, anneal_end * total, 0.8)
             assert got[g] == pytest.approx(want, rel=1e-12, abs=1e-15), (t, g)
             for name in ctl.groups[g]:  # and the quantisers really carry it
                 assert quantisers[name].sigma == pytest.approx(want, rel=1e-12, abs=1e-15)
@@ -130,7 +134,7 @@ def test_input_side_sharpens_first(preset):
 
 def test_mu_follows_its_own_exponent_and_epoch_time():
     ctl = AnaController(make(), preset="homogeneous", total_steps=40, sigma=0.5, mu=0.5,
-                        time_unit="epoch", steps_per_epoch=8, example_input=torch.randn(2, 8))
+                        anneal_end=1.0, time_unit="epoch", steps_per_epoch=8, example_input=torch.randn(2, 8))
     ctl.step(10)  # 1.25 of 5 epochs
     assert ctl.t == pytest.approx(1.25)
     assert next(iter(ctl.mus().values())) == pytest.approx(0.5 * (3.75 / 5) ** 1)
@@ -240,4 +244,76 @@ def test_load_before_first_forward_and_mismatch():
     other = AnaController(make(), preset="partition", total_steps=30,
                           example_input=torch.randn(2, 8))
     with pytest.raises(ValueError, match="preset"):
+        other.load_state_dict(src.state_dict())
+
+
+# --- backward policies, anneal_end, defaults ---------------------------------------------------
+
+@pytest.mark.parametrize("backward", ["exact", "floor", "schedule"])
+def test_backward_policies_follow_their_formulas(backward):
+    total, floor, sigma0 = 40, 0.3, 0.8
+    ctl = AnaController(make(), preset="progressive", total_steps=total, sigma=sigma0,
+                        backward=backward, sigma_grad_min=floor, example_input=torch.randn(2, 8))
+    quantisers = dict(brevitas_ana.ana_quantizers(ctl.model))
+    n = len(ctl.groups)
+    for t in (0, 5, 20, 27, 28, 35, 40):
+        ctl.step(t - ctl.step_count)
+        for l, (g, sigma_b) in enumerate(ctl.grad_sigmas().items()):
+            sigma = expected_sigma("progressive", l, n, t, 0.7 * total, sigma0)
+            want_floor = {"exact": 0.0, "floor": floor,
+                          "schedule": floor * max(0.0, (total - t) / total)}[backward]
+            assert sigma_b == pytest.approx(max(sigma, want_floor), abs=1e-15), (t, g)
+            for name in ctl.groups[g]:  # what the quantisers pass to ana_round
+                args = quantisers[name].noise_args()
+                assert args["sigma"] == pytest.approx(sigma, abs=1e-15)
+                assert args["sigma_grad_min"] == pytest.approx(want_floor, abs=1e-15)
+
+
+def test_schedule_policy_takes_a_sigma_grad_schedule_per_group():
+    ctl = AnaController(make(), preset="homogeneous", total_steps=10, sigma=0.5,
+                        backward="schedule", sigma_grad_min=0.4, example_input=torch.randn(2, 8),
+                        schedules={"*": {"sigma_grad": {"name": "constant"}}})
+    ctl.step(10)
+    assert set(ctl.grad_sigmas().values()) == {0.4} and set(ctl.sigmas().values()) == {0.0}
+    with pytest.raises(ValueError, match="sigma_grad.*needs backward='schedule'"):
+        AnaController(make(), total_steps=10, example_input=torch.randn(2, 8),
+                      schedules={"*": {"sigma_grad": {"name": "constant"}}})
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(anneal_end=0.0), "anneal_end"), (dict(anneal_end=1.2), "anneal_end"),
+    (dict(anneal_end=float("nan")), "anneal_end"), (dict(anneal_end="late"), "anneal_end"),
+    (dict(sigma_grad_min=-0.1), "sigma_grad_min"),
+    (dict(sigma_grad_min=float("inf")), "sigma_grad_min"),
+    (dict(sigma_grad_min=float("nan")), "sigma_grad_min"),
+    (dict(backward="smooth"), "backward")])
+def test_bad_policy_arguments_name_them(kwargs, match):
+    with pytest.raises(ValueError, match=rf"^{match}\b"):
+        AnaController(make(), total_steps=10, **kwargs)
+
+
+def test_defaults_are_the_familys_starting_noise_and_the_floor_policy():
+    def net(act_noise, weight_noise):
+        return nn.Sequential(
+            qnn.QuantIdentity(act_quant=brevitas_ana.ana_quant(Int8ActPerTensorFloat,
+                                                               ana_noise=act_noise)),
+            qnn.QuantLinear(8, 4, bias=False, weight_quant=brevitas_ana.ana_quant(
+                Int8WeightPerTensorFloat, ana_noise=weight_noise)))
+
+    ctl = AnaController(net("normal", "normal"), total_steps=10, example_input=torch.randn(2, 8))
+    default = brevitas_ana.get_noise("normal").default_sigma
+    assert ctl.sigma0 == default and ctl.sigma_grad_min == default
+    assert (ctl.backward, ctl.anneal_end) == ("floor", 0.7)
+    with pytest.raises(ValueError, match="mixes noise families"):
+        AnaController(net("normal", "logistic"), total_steps=10)
+    # explicit values need no default
+    AnaController(net("normal", "logistic"), total_steps=10, sigma=0.3, sigma_grad_min=0.3)
+
+
+def test_saved_state_with_another_backward_policy_is_refused():
+    src = AnaController(make(), total_steps=10, backward="floor", example_input=torch.randn(2, 8))
+    src.step(3)
+    other = AnaController(make(), total_steps=10, backward="exact",
+                          example_input=torch.randn(2, 8))
+    with pytest.raises(ValueError, match="backward"):
         other.load_state_dict(src.state_dict())

@@ -1,6 +1,7 @@
 """The CIFAR-10 recipe end to end on a tiny CIFAR-format data set built by the test."""
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -73,10 +74,23 @@ def test_vgg8_paper_setting():
     (["--epochs", "two"], "epochs must be an integer"),
     (["--lr", "fast"], "lr must be a number"),
     (["--config", "nowhere.yaml"], "nowhere.yaml does not exist"),
+    (["--anneal-end", "0"], r"anneal_end must be in \(0, 1\]"),
+    (["--anneal-end", "1.5"], r"anneal_end must be in \(0, 1\]"),
+    (["--backward", "smooth"], "backward must be one of"),
+    (["--sigma-grad-min", "-0.1"], "sigma_grad_min must be >= 0"),
+    (["--sigma-grad-min", ".nan"], "sigma_grad_min must be >= 0"),
+    (["--sigma-grad-min", ".inf"], "sigma_grad_min must be finite"),
 ])
 def test_bad_values_name_the_field(argv, match):
     with pytest.raises(ConfigError, match=match):
         parse_args(argv)
+
+
+def test_bad_value_in_a_config_file_names_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"model": "cnv", "anneal_end": 2.0}))
+    with pytest.raises(ConfigError, match=r"bad.yaml: anneal_end must be in"):
+        parse_args(["--config", str(bad)])
 
 
 def test_unknown_keys_are_named(tmp_path, capsys):
@@ -128,7 +142,17 @@ def test_full_run_writes_everything(tiny_cifar, tmp_path):
     assert all(float(table[-1][k]) == 0.0 for k in sigma_cols)  # annealed by the end
     assert {"train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "images_per_s"} <= set(
         table[0])
-    for png in ("accuracy.png", "loss.png", "sigma.png", "sigma_schedule.png"):
+    # gradient health per group: fractions in [0, 1] (nan for the input quantiser, whose input
+    # needs no gradient), positive weight-gradient norms (nan for the input group: no weights)
+    groups = [k.split("/", 1)[1] for k in sigma_cols]
+    for r in table:
+        passes = [float(r[f"grad_pass/{g}"]) for g in groups]
+        norms = [float(r[f"grad_norm/{g}"]) for g in groups]
+        assert math.isnan(passes[0]) and math.isnan(norms[0])
+        assert all(0 < p <= 1 for p in passes[1:-1]) and all(n > 0 for n in norms[1:])
+        # backward floor: the backward noise never falls below the family's starting noise
+        assert all(float(r[f"sigma_b/{g}"]) >= 0.2886 for g in groups)
+    for png in ("accuracy.png", "loss.png", "sigma.png", "sigma_schedule.png", "gradient.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["epoch_0001",
                                                                           "epoch_0002"]
