@@ -9,9 +9,10 @@ Each ``--grid`` is a product of axes ``key=v1,v2,...`` over any recipe key (``co
 file of ``recipes/configs`` or a path); ``--common`` settings apply to every run. The runs of all
 grids are pooled and deduplicated (a stock-STE run ignores the ANA keys), all at the same budget.
 ``--jobs N`` runs N at once as separate processes (on one GPU small CNV steps are launch-bound,
-so several runs share it well; on a 2-core CPU use 1). A run whose ``results.json`` holds the same
-resolved config is skipped, so an interrupted benchmark resumes where it stopped; a run whose
-settings changed (e.g. a recipe default) is run again.
+so several runs share it well; on a 2-core CPU use 1). A run whose ``results.json`` in ``--out`` holds the same
+resolved config (whatever folder it is in) is skipped, so an interrupted benchmark resumes where it
+stopped and grids can be added later; a run whose settings changed (e.g. a recipe default) is run
+again.
 
 Writes into ``--out``: one folder per run (the recipe's own output), ``results.csv`` (a row per
 run), ``results.md`` (mean +- std over seeds per setting, difference to STE of the same config,
@@ -87,7 +88,8 @@ def runs_of(grids, common: dict):
             named = {k: v for k, v in settings.items() if k not in NOT_IN_NAME
                      and k not in common}
             extra = " ".join(f"{k}={v}" for k, v in sorted(named.items())
-                             if k not in ("seed", "quantiser", "preset", "backward", "noise"))
+                             if k not in ("seed", "quantiser", "preset", "backward", "noise",
+                                          "sigma_grad_min"))
             name = f"{Path(config).stem}/" + ("_".join(
                 f"{k}-{v}" for k, v in sorted(named.items())) or "default")
             runs[name] = dict(name=name, config=config_path(config), settings=settings,
@@ -130,9 +132,20 @@ def finished(run_dir: Path, config: dict) -> bool:
 
 
 def same_config(a: dict, b: dict) -> bool:
-    """Equal run configs; ``resume`` only says how the run was started."""
-    return {k: v for k, v in a.items() if k != "resume"} == \
-        {k: v for k, v in b.items() if k != "resume"}
+    """Equal run configs; ``resume`` only says how the run was started, and a stock-STE run does
+    not depend on the ANA keys (a changed ANA default leaves it valid)."""
+    return _identity(a) == _identity(b)
+
+
+def run_key(config: dict) -> str:
+    """What a run trains, as a string: its config less where it was written."""
+    return json.dumps({k: v for k, v in _identity(config).items() if k != "output_dir"},
+                      sort_keys=True, default=str)
+
+
+def _identity(config: dict) -> dict:
+    ignored = ("resume",) + (ANA_KEYS if config.get("quantiser") == "ste" else ())
+    return {k: v for k, v in config.items() if k not in ignored}
 
 
 def launch(run, out: Path, threads: int, extra_env: dict) -> int:
@@ -154,7 +167,7 @@ def row_of(run, run_dir: Path) -> dict:
     metrics = read_csv(run_dir / "metrics.csv")
     cfg = res["config"]
     setting = ("STE (stock Brevitas)" if cfg["quantiser"] == "ste" else
-               f"ANA {cfg['preset']}, {cfg['backward']}, {cfg['noise']}")
+               f"ANA {cfg['preset']}, {cfg['backward']}{floor_of(cfg)}, {cfg['noise']}")
     setting += f" {run['extra']}" if run["extra"] else ""
     return {"config": run["config"].stem, "setting": setting, "seed": cfg["seed"],
             "quantiser": cfg["quantiser"],
@@ -168,6 +181,15 @@ def row_of(run, run_dir: Path) -> dict:
             "torch": res.get("versions", {}).get("torch"), "run": run["name"]}
 
 
+def floor_of(cfg: dict) -> str:
+    """`` 0.2887`` (the backward floor, the family's default when null) or ``""`` (exact)."""
+    if cfg["backward"] == "exact":
+        return ""
+    from brevitas_ana.noise import get_noise
+    floor = cfg["sigma_grad_min"]
+    return f" {get_noise(cfg['noise']).default_sigma if floor is None else floor:.4g}"
+
+
 def read_csv(path: Path):
     if not path.is_file():
         return []
@@ -176,9 +198,11 @@ def read_csv(path: Path):
 
 
 def summarise(rows):
-    """[(config, setting, n, mean, std, diff to STE mean, images/s)] in first-seen order."""
+    """[(config, setting, n, mean, std, diff to STE mean, images/s)]: by config, STE first,
+    then in first-seen order."""
     groups = {}
-    for r in rows:
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    for r in sorted(rows, key=lambda r: (configs.index(r["config"]), r["quantiser"] != "ste")):
         groups.setdefault((r["config"], r["setting"], r["quantiser"]), []).append(r)
     ste = {c: statistics.mean(x["test_acc"] for x in rs)
            for (c, s, q), rs in groups.items() if q == "ste"}
@@ -215,7 +239,9 @@ def plot(summary, rows, out: Path, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     configs = list(dict.fromkeys(s["config"] for s in summary))
-    fig, axes = plt.subplots(2, len(configs), figsize=(6 * len(configs), 8), squeeze=False)
+    most = max(sum(s["config"] == c for s in summary) for c in configs)
+    fig, axes = plt.subplots(2, len(configs), figsize=(7 * len(configs), 5 + 0.3 * most),
+                             squeeze=False, gridspec_kw={"height_ratios": [0.3 * most + 1, 4]})
     for j, config in enumerate(configs):
         mine = [s for s in summary if s["config"] == config]
         ax = axes[0][j]
@@ -226,6 +252,7 @@ def plot(summary, rows, out: Path, path: Path):
                     and r["setting"] == s["setting"]]
             ax.plot(accs, [i] * len(accs), "k.", markersize=4)
         ax.set_yticks(range(len(mine)), [s["setting"] for s in mine], fontsize="x-small")
+        ax.invert_yaxis()  # the table's order, top to bottom
         ax.set_xlabel("test top-1 (%)")
         ax.set_title(config)
         ax = axes[1][j]
@@ -262,13 +289,24 @@ def main(argv=None):
     out = Path(args.out)
     common = {k: v[0] for k, v in parse_settings(args.common, "--common").items()}
     runs = runs_of(args.grid, common)
+    # Finished runs in --out, by what they trained: a run is the same whatever grid named it
+    # (e.g. the default preset spelt out), so each is run once and found again under its folder.
+    done = {}
+    for path in sorted(out.glob("*/*/results.json")):
+        try:
+            saved = json.loads(path.read_text())["config"]
+        except (ValueError, KeyError):
+            continue
+        done.setdefault(run_key(saved), path.parent.relative_to(out).as_posix())
     unique = {}
     for run in runs:
         run["argv"] = recipe_argv(run, out)
         run["resolved"] = resolved_config(run["argv"])
-        # two grids may name the same run (e.g. the default preset spelt out): run it once
-        key = json.dumps({k: v for k, v in run["resolved"].items()
-                          if k not in ("output_dir", "resume")}, sort_keys=True, default=str)
+        key = run_key(run["resolved"])
+        if key in done:
+            run["name"] = done[key]
+            run["argv"] = recipe_argv(run, out)
+            run["resolved"] = resolved_config(run["argv"])
         unique.setdefault(key, run)
     runs = list(unique.values())
     todo = [r for r in runs if not finished(out / r["name"], r["resolved"])]

@@ -174,9 +174,11 @@ class AnaController:
         self._groups: Optional["OrderedDict[str, List[str]]"] = None
         self._schedules = None
         self._pending_state = None
+        # the quantisers' own policy: "schedule" is a floor that the controller moves
+        self._quantizer_policy = "exact" if backward == "exact" else "floor"
         for m in self._quantizers.values():
             # every preset starts at g = 1; the controller's policy replaces the quantisers' own
-            m.backward = "exact" if backward == "exact" else "floor"
+            m.backward = self._quantizer_policy
             m.set_noise(self.sigma0, self.mu0, self.sigma_grad_min)
         if example_input is not None:
             self._order_with(example_input)
@@ -328,12 +330,11 @@ class AnaController:
     def apply(self):
         """Write the current noise into every quantiser. ``step`` and ``load_state_dict`` do it;
         call it after loading a model state_dict, which makes Brevitas rebuild its quantisers."""
-        policy = "exact" if self.backward == "exact" else "floor"
         for g, (sigma, mu, floor) in self._noise(self.t).items():
             for name in self._groups[g]:
                 # looked up by name: Brevitas replaces quantiser modules when loading a state_dict
                 m = self.model.get_submodule(name)
-                m.backward = policy
+                m.backward = self._quantizer_policy
                 m.set_noise(sigma, mu, floor)
 
     def step(self, n: int = 1):

@@ -34,12 +34,19 @@ __all__ = ["GradientHealth"]
 class GradientHealth:
     """Counts gradients per group of ``controller`` through hooks on the groups' layers.
 
-    Call :meth:`after_backward` once per optimiser step, after the backward pass and before the
-    gradients are zeroed; :meth:`read` returns ``{group: {"grad_pass": ..., "grad_norm": ...}}``
-    and starts a new accumulation. Counters stay on the device (no synchronisation per step).
+    Create it once the controller has ordered its groups (``example_input``, or after the first
+    forward pass). Call :meth:`after_backward` once per optimiser step, after the backward pass
+    and before the gradients are zeroed; :meth:`read` returns ``{group: {"grad_pass": ...,
+    "grad_norm": ...}}`` and starts a new accumulation. Counters stay on the device (no
+    synchronisation per step). ``every=N`` samples one step in N, those at which the controller's
+    ``step_count`` is a multiple of N (so a resumed run samples the same steps): counting costs a
+    few elementwise passes over every activation.
     """
 
-    def __init__(self, controller: AnaController):
+    def __init__(self, controller: AnaController, every: int = 1):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive integer, got {every!r}")
+        self.every, self.controller = every, controller
         self.groups = list(controller.groups)
         model = controller.model
         self._act_layers: Dict[int, nn.Module] = {}
@@ -70,16 +77,21 @@ class GradientHealth:
 
         def hook(module, args, output):
             x = args[0] if args else None
-            if (not module.training or not torch.is_grad_enabled() or not isinstance(x, Tensor)
-                    or not x.requires_grad or not isinstance(output, Tensor)
-                    or not output.requires_grad):
+            if not (self._sampled() and module.training and torch.is_grad_enabled()
+                    and isinstance(x, Tensor) and x.requires_grad
+                    and isinstance(output, Tensor) and output.requires_grad):
                 return
             x.register_hook(count(0))
             output.register_hook(count(1))
         return hook
 
+    def _sampled(self) -> bool:
+        return self.controller.step_count % self.every == 0
+
     def after_backward(self):
         """Add this step's weight-gradient norms (call before the gradients are zeroed)."""
+        if not self._sampled():
+            return
         for i, weights in self._weights.items():
             grads = [w.grad for w in weights if w.grad is not None]
             if not grads:

@@ -95,3 +95,23 @@ def test_reduce_combines_processes():
     doubled = health.read(reduce=lambda t: 2 * t)
     assert 0 < doubled["1"]["grad_pass"] <= 1 and one["1"]["grad_pass"] > 0
     assert doubled["2"]["grad_norm"] > 0
+
+
+def test_every_samples_the_controllers_steps():
+    model = tiny()
+    ctl = AnaController(model, preset="static", sigma=0.0, example_input=torch.randn(2, 4))
+    health = GradientHealth(ctl, every=2)
+    torch.manual_seed(3)
+    xs = [torch.randn(16, 4) * 1.5 for _ in range(3)]
+    expected_norms = []
+    for x in xs:  # controller steps 0, 1, 2: 0 and 2 are sampled
+        model.train()(x).square().sum().backward()
+        if ctl.step_count % 2 == 0:
+            expected_norms.append(float(torch.linalg.vector_norm(model[2].weight.grad)))
+        health.after_backward()
+        model.zero_grad()
+        ctl.step()
+    stats = health.read()
+    assert stats["2"]["grad_norm"] == pytest.approx(sum(expected_norms) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="every"):
+        GradientHealth(ctl, every=0)
