@@ -112,7 +112,6 @@ def recipe_argv(run, out: Path):
 
 def resolved_config(argv) -> dict:
     """The recipe's own view of a run's config (defaults and config file included)."""
-    sys.path.insert(0, str(ROOT))
     from brevitas_ana.recipes.config import ConfigError, parse_args, to_dict
     try:
         return to_dict(parse_args(argv))

@@ -14,10 +14,10 @@ BENCH = ROOT / "benchmarks" / "bench_accuracy.py"
 RECIPE = ROOT / "recipes" / "train_cifar10.py"
 
 
-def bench(out, data, *grids, check=True):
+def bench(out, data, *grids, check=True, jobs=1):
     common = (f"data_dir={data} download=false epochs=1 max_steps=3 batch_size=8 "
               "num_workers=0 export=false")
-    cmd = [sys.executable, str(BENCH), "--out", str(out), "--common", common]
+    cmd = [sys.executable, str(BENCH), "--out", str(out), "--common", common, "--jobs", str(jobs)]
     for g in grids:
         cmd += ["--grid", g]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -32,8 +32,8 @@ def test_results_are_the_runs_own_and_reproduce_directly(tiny_cifar, tmp_path):
     # ("preset=progressive") is the same run as "quantiser=ana" and runs once
     grids = ("config=cnv_w1a2 quantiser=ste,ana seed=0,1",
              "config=cnv_w1a2 preset=progressive,homogeneous seed=0")
-    proc = bench(out, tiny_cifar, *grids)
-    assert "5 runs, 0 already finished, 5 to run" in proc.stdout
+    proc = bench(out, tiny_cifar, *grids, jobs=2)  # two runs at once, one thread each
+    assert "5 runs, 0 already finished, 5 to run (2 at once)" in proc.stdout
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 5 and {r["quantiser"] for r in rows} == {"ste", "ana"}
