@@ -147,13 +147,13 @@ def _identity(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in ignored}
 
 
-def launch(run, out: Path, threads: int, extra_env: dict) -> int:
+def launch(run, out: Path, threads: int) -> int:
     run_dir = out / run["name"]
     started = run_dir / "config.json"
     if started.is_file() and not same_config(json.loads(started.read_text()), run["resolved"]):
         shutil.rmtree(run_dir)  # a run of other settings (a default changed): start afresh
     run_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), **extra_env)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     resume = ["--resume", "latest"] if (run_dir / "checkpoints").is_dir() and any(
         (run_dir / "checkpoints").glob("epoch_*")) else []
     with open(run_dir / "bench.log", "a") as log:
@@ -319,7 +319,7 @@ def main(argv=None):
     failed = []
     t0 = time.time()
     with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(todo), desc="runs") as bar:
-        futures = {pool.submit(launch, r, out, threads, {}): r for r in todo}
+        futures = {pool.submit(launch, r, out, threads): r for r in todo}
         for future in as_completed(futures):
             code = future.result()
             if code != 0 or not finished(out / futures[future]["name"],

@@ -174,11 +174,9 @@ class AnaController:
         self._groups: Optional["OrderedDict[str, List[str]]"] = None
         self._schedules = None
         self._pending_state = None
-        # the quantisers' own policy: "schedule" is a floor that the controller moves
-        self._quantizer_policy = "exact" if backward == "exact" else "floor"
         for m in self._quantizers.values():
             # every preset starts at g = 1; the controller's policy replaces the quantisers' own
-            m.backward = self._quantizer_policy
+            m.backward = self._quantizer_policy()
             m.set_noise(self.sigma0, self.mu0, self.sigma_grad_min)
         if example_input is not None:
             self._order_with(example_input)
@@ -311,6 +309,10 @@ class AnaController:
             raise RuntimeError("AnaController: quantisers are ordered by the first forward pass; "
                                "run one (or pass example_input) first")
 
+    def _quantizer_policy(self) -> str:
+        """The quantisers' own policy: ``schedule`` is a floor that the controller moves."""
+        return "exact" if self.backward == "exact" else "floor"
+
     def _noise(self, t: float) -> "OrderedDict[str, tuple]":
         """{group: (sigma, mu, backward floor)} at time ``t``: sigma0 g_sigma(t), mu0 g_mu(t) and
         sigma_grad_min g_grad(t) (0 under the ``exact`` policy)."""
@@ -334,7 +336,7 @@ class AnaController:
             for name in self._groups[g]:
                 # looked up by name: Brevitas replaces quantiser modules when loading a state_dict
                 m = self.model.get_submodule(name)
-                m.backward = self._quantizer_policy
+                m.backward = self._quantizer_policy()
                 m.set_noise(sigma, mu, floor)
 
     def step(self, n: int = 1):
