@@ -10,10 +10,14 @@ From Python::
     from brevitas_ana.export import export_qnn
     report = export_qnn(model, images, "out", labels=labels)
 
-Writes ``model_qonnx.onnx``, ``model_qcdq.onnx``, ``model_int.onnx`` and ``report.json`` (each
-complete or absent: written to a temporary name, then renamed), prints the report's tables and
-exits non-zero when an export disagrees with PyTorch beyond the tolerance, a quantised layer does
-not run as an integer kernel, or onnxruntime's integer kernels are wrong on this machine.
+Writes ``model_qonnx.onnx`` (FINN-ready: static shapes, batch 1), ``model_qcdq.onnx``,
+``model_int.onnx``, ``model_int_only.onnx``, ``reference.npz`` (the first images with PyTorch's
+logits and the output quantum: what ``export/finn_check.py`` compares FINN's flow with) and
+``report.json`` (each complete or absent: written to a temporary name, then renamed), prints the
+report's tables and exits non-zero when an export disagrees with PyTorch beyond the tolerance,
+the QONNX file is not FINN-ready, a quantised layer does not run as an integer kernel, the
+integer-only graph cannot be built or has a float tensor between layers, or onnxruntime's integer
+kernels are wrong on this machine.
 """
 from __future__ import annotations
 
@@ -32,11 +36,12 @@ import onnx
 import torch
 from tqdm.auto import tqdm
 
-from brevitas_ana.export import graphs, runtime
+from brevitas_ana.export import graphs, int_only, runtime
 from brevitas_ana.export.graphs import ExportError
 from brevitas_ana.export.validate import Tolerance, compare, table
 
-FORMATS = ("qonnx", "qcdq", "int")
+FORMATS = ("qonnx", "qcdq", "int", "int_only")
+REFERENCE_IMAGES = 100  # images kept in reference.npz
 RECIPE_INPUT = ("float32 NCHW in [0, 1] (uint8 pixels / 255), as the recipes' test loader gives "
                 "them; the model's own preprocessing is inside the graph")
 
@@ -124,6 +129,57 @@ def _check_qcdq_kernels(qcdq, layers, report):
             "model_int.onnx with onnxruntime")
 
 
+def _check_finn_ready(qonnx_file, twin, images, report, n: int = 4):
+    """The written QONNX file has what FINN's front end needs (graphs.finn_problems) and, run
+    as it stands (batch 1) by qonnx's executor, gives its twin's outputs on the first images."""
+    problems = graphs.finn_problems(qonnx_file)
+    if not problems:
+        try:
+            alone = np.concatenate([runtime.run_qonnx(qonnx_file, images[i:i + 1], 1, fixed=True)
+                                    for i in range(min(n, len(images)))])
+            twin_out = runtime.run_qonnx(twin, images[:len(alone)], len(alone))
+            if not np.array_equal(alone, twin_out):
+                problems.append("run as it stands, it differs from the exported network")
+        except Exception as e:  # noqa: BLE001  any failure to run it is the finding
+            problems.append(f"qonnx's executor cannot run it as it stands: {e}")
+    report["finn_ready"] = {"ready": not problems, "problems": problems}
+    if problems:
+        report["failures"].append("qonnx: not FINN-ready: " + "; ".join(problems))
+
+
+def _check_int_only(model, layers, report):
+    """No float tensor between the input quantiser and the last layer; the kernels onnxruntime
+    executes for it."""
+    floats = int_only.float_tensors_between(model)
+    executed = runtime.executed_graph(model)
+    counts = {}
+    for n in executed.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    report["int_only"] = {"float_tensors_between_layers": floats,
+                          "executed_kernels": dict(sorted(counts.items())),
+                          "layers": runtime.kernels_per_layer(model, layers)}
+    if floats:
+        report["failures"].append(f"int_only: float tensors between layers: {floats[:5]}")
+    not_int = [r["layer"] for r in report["int_only"]["layers"] if not r["integer"]]
+    if not_int:
+        report["failures"].append(f"int_only: layer(s) {not_int} do not run as integer kernels")
+
+
+def _save_reference(path: Path, images, logits, labels, quantum, n: int = REFERENCE_IMAGES):
+    """The first ``n`` images with PyTorch's logits and the output quantum, for checks by other
+    tools (export/finn_check.py)."""
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    try:
+        arrays = dict(images=images[:n], logits=logits[:n].astype(np.float32),
+                      quantum=np.asarray(quantum, np.float32))
+        if labels is not None:
+            arrays["labels"] = labels[:n]
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def torch_logits(model, images: np.ndarray, batch_size: int) -> np.ndarray:
     """The model's eval-mode outputs, from a float32 CPU copy: the exports are float32 CPU
     graphs, and a GPU's reduced-precision convolutions (TF32) would move values across rounding
@@ -159,13 +215,22 @@ def export_qnn(model: torch.nn.Module, images, output_dir, labels=None,
         raise ExportError(f"images: expected a non-empty batch, got shape {images.shape}")
 
     reference = torch_logits(model, images, batch_size)
-    qonnx_model = graphs.qonnx_from_torch(model, torch.from_numpy(images[:1]))
+    example = torch.from_numpy(images[:1])
+    qonnx_file = graphs.qonnx_from_torch(model, example)  # static, batch 1: what FINN reads
+    qonnx_model = graphs.qonnx_from_torch(model, example, dynamic_batch=True)
     qcdq = graphs.qonnx_to_qcdq(qonnx_model)
     integer, layers = graphs.qcdq_to_integer(qcdq)
     if not layers:
         raise ExportError("the model has no quantised Conv / Linear layer to export")
     quantum = graphs.output_quantum(qcdq, layers)
     models = {"qonnx": qonnx_model, "qcdq": qcdq, "int": integer}
+    files = {"qonnx": qonnx_file}
+    int_only_error = None
+    if "int_only" in formats:
+        try:
+            models["int_only"], _ = int_only.integer_to_int_only(integer, layers)
+        except ExportError as e:  # the other graphs are still written and validated
+            int_only_error = str(e)
 
     report = {"num_images": int(len(images)), "input": input_description,
               "input_shape": list(images.shape[1:]), "tolerance": vars(tolerance),
@@ -176,7 +241,14 @@ def export_qnn(model: torch.nn.Module, images, output_dir, labels=None,
               "formats": {}, "failures": [], "notes": []}
     for fmt in formats:
         path = out / f"{name}_{fmt}.onnx"
-        _save(models[fmt], path)
+        path.unlink(missing_ok=True)  # a stale file must not stand for this export
+        if fmt == "int_only" and int_only_error:
+            report["formats"][fmt] = {"file": None, "error": int_only_error, "passed": False}
+            report["failures"].append(f"int_only: {int_only_error}")
+            continue
+        _save(files.get(fmt, models[fmt]), path)
+        # the QONNX file itself is checked by _check_finn_ready; its twin with a symbolic batch
+        # runs the whole batch here
         run = runtime.run_qonnx if fmt == "qonnx" else runtime.run_onnxruntime
         with tqdm(total=len(images), desc=fmt, leave=False) as bar:
             logits = run(models[fmt], images, batch_size, progress=bar.update)
@@ -189,8 +261,13 @@ def export_qnn(model: torch.nn.Module, images, output_dir, labels=None,
                 f"{row['max_diff_quanta']:.3g} quanta")
     if "qcdq" in formats:
         _check_qcdq_kernels(qcdq, layers, report)
+    if "qonnx" in formats:
+        _check_finn_ready(qonnx_file, qonnx_model, images, report)
     if "int" in formats:
         _check_int_kernels(integer, layers, report)
+    if "int_only" in models and "int_only" in formats:
+        _check_int_only(models["int_only"], layers, report)
+    _save_reference(out / "reference.npz", images, reference, labels, quantum)
     report["passed"] = not report["failures"]
     tmp = out / ".report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2))

@@ -1,7 +1,10 @@
 """The exported graphs of a Brevitas QNN and how each is derived from the one before.
 
 1. **QONNX** (FINN and other FPGA toolchains): Brevitas' ``export_qonnx`` (TorchScript exporter,
-   opset 13, batch dimension symbolic), cleaned with qonnx. Its quantisers are
+   opset 13), cleaned with qonnx, every shape static with batch 1, as FINN's front end needs
+   (:func:`finn_problems` lists what it checks; a symbolic batch gave FINN's hardware layers
+   zero input vectors). The graphs below derive from its twin with a symbolic batch. Its
+   quantisers are
    ``Quant(x, s, z, b) = s * (clip(round(x / s + z), lo, hi) - z)`` and
    ``BipolarQuant(x, s) = s * (+1 if x >= 0 else -1)``.
 2. **QCDQ** (onnxruntime and any ONNX runtime), derived from the QONNX graph: each activation
@@ -25,7 +28,10 @@
    not saturate (and were 4x faster than the s8 ones for ConvInteger on this project's AVX2
    CPU). :mod:`runtime` checks every kernel configuration the graph uses on
    the running machine anyway.
-4. **float**: the same network with dequantised float weights and no activation quantisers, for
+4. **integer-only** (:mod:`int_only`), derived from the integer graph: BatchNorm and the
+   activation quantiser after each accumulator become exact integer thresholds, so every tensor
+   between the input quantiser and the last layer is an integer.
+5. **float**: the same network with dequantised float weights and no activation quantisers, for
    latency comparisons only (its outputs differ from the QNN's).
 """
 from __future__ import annotations
@@ -124,9 +130,11 @@ def _finish(model: onnx.ModelProto, nodes, inits: Dict[str, np.ndarray]) -> onnx
 INPUT, OUTPUT = "x", "logits"  # for the exporter; qonnx's cleanup names them global_in/out
 
 
-def qonnx_from_torch(model, example_input) -> onnx.ModelProto:
+def qonnx_from_torch(model, example_input, dynamic_batch: bool = False) -> onnx.ModelProto:
     """QONNX graph of ``model`` in eval mode (a copy with stock quantisers: ANA twins are stock
-    quantisers once noise-free), batch dimension ``N`` symbolic, cleaned by qonnx."""
+    quantisers once noise-free), cleaned by qonnx. By default every shape is static with batch
+    1, as FINN's front end needs (:func:`finn_problems`); ``dynamic_batch=True`` gives the same
+    graph with a symbolic batch ``N``, from which the onnxruntime graphs are derived."""
     import brevitas_ana
     from brevitas.export import export_qonnx
     from qonnx.core.modelwrapper import ModelWrapper
@@ -137,8 +145,65 @@ def qonnx_from_torch(model, example_input) -> onnx.ModelProto:
         path = os.path.join(tmp, "qonnx.onnx")
         export_qonnx(net, args=example_input[:1].detach().cpu().float(), export_path=path,
                      dynamo=False, opset_version=OPSET, input_names=[INPUT],
-                     output_names=[OUTPUT], dynamic_axes={INPUT: {0: "N"}, OUTPUT: {0: "N"}})
+                     output_names=[OUTPUT],
+                     dynamic_axes={INPUT: {0: "N"}, OUTPUT: {0: "N"}} if dynamic_batch else None)
         return cleanup_model(ModelWrapper(path)).model
+
+
+QONNX_DOMAIN = "qonnx.custom_op.general"
+QONNX_OPS = ("Quant", "BipolarQuant", "Trunc")
+
+
+def finn_problems(model: onnx.ModelProto) -> List[str]:
+    """What FINN's front end (ConvertQONNXtoFINN, streamlining, conversion to hardware layers)
+    expects of a QONNX file and this one lacks; empty when the file is FINN-ready: one input and
+    one output; every tensor shape static, batch 1 (FINN sizes its hardware layers from them);
+    default-domain opset 13 and QONNX ops in the ``qonnx.custom_op.general`` domain; the
+    quantisers' scale, zero point and bit width constant initializers; no initializer listed as
+    a graph input; unique, non-empty node names; weights inside the file."""
+    problems = []
+    g = model.graph
+    if len(g.input) != 1 or len(g.output) != 1:
+        problems.append(f"{len(g.input)} inputs and {len(g.output)} outputs (FINN takes one each)")
+    inits = {i.name for i in g.initializer}
+    if any(i.name in inits for i in g.input):
+        problems.append("initializers listed as graph inputs")
+    if any(i.data_location == TensorProto.EXTERNAL for i in g.initializer):
+        problems.append("weights stored outside the file")
+    opsets = {o.domain: o.version for o in model.opset_import}
+    if opsets.get("", opsets.get("ai.onnx")) != OPSET:
+        problems.append(f"default opset {opsets.get('', opsets.get('ai.onnx'))}, not {OPSET}")
+    names = [n.name for n in g.node]
+    if not all(names) or len(set(names)) != len(names):
+        problems.append("node names missing or repeated")
+    for n in g.node:
+        if n.op_type in QONNX_OPS:
+            if n.domain != QONNX_DOMAIN:
+                problems.append(f"{n.name}: {n.op_type} in domain {n.domain!r}, not "
+                                f"{QONNX_DOMAIN!r}")
+            if any(i not in inits for i in n.input[1:]):
+                problems.append(f"{n.name}: quantiser parameters are not constant initializers")
+        elif n.domain not in ("", "ai.onnx"):
+            problems.append(f"{n.name}: op {n.domain}.{n.op_type} unknown to FINN's front end")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    except Exception as e:  # the custom ops leave their outputs to qonnx: checked below
+        inferred = model
+        problems.append(f"shape inference fails: {str(e).splitlines()[0]}")
+    values = list(inferred.graph.input) + list(inferred.graph.output) + \
+        list(inferred.graph.value_info)
+    for vi in values:
+        dims = vi.type.tensor_type.shape.dim
+        if not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims):
+            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                     for d in dims]
+            problems.append(f"tensor {vi.name} has shape {shape}, not static")
+            break
+    for vi in list(g.input) + list(g.output):
+        dims = vi.type.tensor_type.shape.dim
+        if not dims or dims[0].dim_value != 1:
+            problems.append(f"{vi.name}: batch dimension is not 1")
+    return problems
 
 
 # --- QONNX -> QCDQ --------------------------------------------------------------------------

@@ -51,10 +51,11 @@ def run_onnxruntime(model: onnx.ModelProto, images: np.ndarray, batch_size: int,
 
 
 def run_qonnx(model: onnx.ModelProto, images: np.ndarray, batch_size: int,
-              progress=None) -> np.ndarray:
+              progress=None, fixed: bool = False) -> np.ndarray:
     """Outputs of qonnx's reference executor (Quant / BipolarQuant in numpy, standard ops one by
     one in onnxruntime). It checks concrete shapes, so each batch size gets its own copy of the
-    graph with shapes inferred for it."""
+    graph (symbolic batch) with shapes inferred for it; ``fixed=True`` runs the graph as it
+    stands (its own static shapes)."""
     import warnings
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.core.onnx_exec import execute_onnx
@@ -62,6 +63,8 @@ def run_qonnx(model: onnx.ModelProto, images: np.ndarray, batch_size: int,
 
     def concrete(batch):
         wrapper = ModelWrapper(onnx.ModelProto.FromString(model.SerializeToString()))
+        if fixed:
+            return wrapper
         del wrapper.graph.value_info[:]
         for vi in list(wrapper.graph.input) + list(wrapper.graph.output):
             dim = vi.type.tensor_type.shape.dim[0]

@@ -58,13 +58,20 @@ def table(report: dict) -> str:
              f"tolerance: argmax agreement >= {report['tolerance']['min_agreement']}%, "
              f"max difference <= {report['tolerance']['max_quanta']} output quanta",
              "",
-             f"{'format':<8} {'top-1 torch':>11} {'top-1 export':>12} {'argmax agree %':>14} "
+             f"{'format':<9} {'top-1 torch':>11} {'top-1 export':>12} {'argmax agree %':>14} "
              f"{'max diff (quanta)':>17} {'elements differing':>18}  result  file"]
     for name, row in report["formats"].items():
-        lines.append(f"{name:<8} {_pct(row['top1_torch']):>11} {_pct(row['top1_export']):>12} "
+        if row.get("error"):
+            lines.append(f"{name:<9} not written: {row['error']}")
+            continue
+        lines.append(f"{name:<9} {_pct(row['top1_torch']):>11} {_pct(row['top1_export']):>12} "
                      f"{row['argmax_agreement']:>14.2f} {row['max_diff_quanta']:>17.3g} "
                      f"{row['frac_differ']:>18.3g}  {'pass' if row['passed'] else 'FAIL':<6}  "
                      f"{row['file']}")
+    if "finn_ready" in report:
+        ready = report["finn_ready"]
+        lines += ["", "qonnx: FINN-ready (static shapes, batch 1; runs as it stands)"
+                  if ready["ready"] else "qonnx: NOT FINN-ready: " + "; ".join(ready["problems"])]
     if report.get("integer_layers"):
         lines += ["", "integer graph, kernels onnxruntime executes (its optimised graph):",
                   f"{'layer':<12} {'op':<7} {'kernel':<22} {'x, w types':<13} {'x - z_x':<11} "
@@ -90,6 +97,12 @@ def table(report: dict) -> str:
             lines.append(f"  {r['kernel']:<14} {r['x_dtype']} x {r['w_dtype']}, x - z_x in "
                          f"{r['x_range']}, w - z_w in {r['w_range']}: "
                          f"{'exact' if r['exact'] else 'WRONG by %g' % r['max_error']}")
+    if report.get("int_only"):
+        r = report["int_only"]
+        kernels = ", ".join(f"{k} x{v}" for k, v in r["executed_kernels"].items())
+        lines += ["", "integer-only graph, kernels onnxruntime executes: " + kernels,
+                  "  float tensors between layers: " + (", ".join(
+                      r["float_tensors_between_layers"][:5]) or "none")]
     lines += [f"note: {n}" for n in report.get("notes", [])]
     lines += ["", "PASSED" if report["passed"] else "FAILED: " + "; ".join(report["failures"])]
     return "\n".join(lines)
