@@ -1,15 +1,18 @@
-"""onnxruntime latency of the exported integer graph vs the float ONNX of the same network.
+"""onnxruntime latency of the exported integer graphs vs the float ONNX of the same network.
 
 For one network (a recipe checkpoint, or a freshly initialised CNV W2A2 when none is given) the
-script builds, in one run, the three graphs onnxruntime can execute:
+script builds, in one run, the four graphs onnxruntime can execute:
 
-    int    ConvInteger / MatMulInteger on the quantised integers (export/graphs.py, item 3)
-    qcdq   QuantizeLinear / Clip / DequantizeLinear around float Conv / MatMul
-    float  the same network with dequantised float weights and no activation quantisers
+    int_only  integers from the input quantiser to the last layer: integer kernels, thresholds
+              for BN + activation quantiser, max-pool on integers (export/int_only.py)
+    int       ConvInteger / MatMulInteger on the quantised integers, BN and requantisation in
+              float between layers (export/graphs.py, item 3)
+    qcdq      QuantizeLinear / Clip / DequantizeLinear around float Conv / MatMul
+    float     the same network with dequantised float weights and no activation quantisers
 
 and times each at batch 1 and batch 64 on the same input, interleaved over several rounds
-(best of the per-round medians), printing milliseconds per image and the ratios int / float and
-int / qcdq (below 1: the integer graph is faster).
+(best of the per-round medians), printing milliseconds per image and the ratios to the float
+graph (below 1: faster than float).
 
     python benchmarks/bench_export.py --checkpoint runs/cnv_w2a2
     python benchmarks/bench_export.py --threads 1 --repeats 50
@@ -23,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from brevitas_ana.export import graphs, runtime
+from brevitas_ana.export import graphs, int_only, runtime
 
 
 def build(checkpoint):
@@ -51,19 +54,21 @@ def main(argv=None):
 
     model, what = build(args.checkpoint)
     images = np.random.default_rng(0).random((max(args.batches), 3, 32, 32), dtype=np.float32)
-    qonnx_model = graphs.qonnx_from_torch(model, torch.from_numpy(images[:1]))
+    qonnx_model = graphs.qonnx_from_torch(model, torch.from_numpy(images[:1]),
+                                          dynamic_batch=True)
     qcdq = graphs.qonnx_to_qcdq(qonnx_model)
-    integer, _ = graphs.qcdq_to_integer(qcdq)
-    models = {"int": integer, "qcdq": qcdq, "float": graphs.qonnx_to_float(qonnx_model)}
+    integer, layers = graphs.qcdq_to_integer(qcdq)
+    models = {"int_only": int_only.integer_to_int_only(integer, layers)[0], "int": integer,
+              "qcdq": qcdq, "float": graphs.qonnx_to_float(qonnx_model)}
     print(f"{what}; onnxruntime {ort.__version__}, {platform.processor() or platform.machine()}, "
           f"threads {args.threads or 'all'}")
-    print(f"{'batch':>5} {'int ms/img':>11} {'qcdq ms/img':>12} {'float ms/img':>13} "
-          f"{'int/float':>10} {'int/qcdq':>9}")
+    names = list(models)
+    print(f"{'batch':>5} " + " ".join(f"{n + ' ms/img':>15}" for n in names) + " "
+          + " ".join(f"{n + '/float':>15}" for n in names[:-1]))
     for batch in args.batches:
         t = runtime.latencies(models, images, batch, args.repeats, args.rounds, args.threads)
-        print(f"{batch:>5} {t['int'] * 1e3:>11.3f} {t['qcdq'] * 1e3:>12.3f} "
-              f"{t['float'] * 1e3:>13.3f} {t['int'] / t['float']:>10.2f} "
-              f"{t['int'] / t['qcdq']:>9.2f}")
+        print(f"{batch:>5} " + " ".join(f"{t[n] * 1e3:>15.3f}" for n in names) + " "
+              + " ".join(f"{t[n] / t['float']:>15.2f}" for n in names[:-1]))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from torch import nn
 import brevitas.nn as qnn
 
 import brevitas_ana
-from brevitas_ana.export import ExportError, Tolerance, export_qnn, graphs, runtime
+from brevitas_ana.export import ExportError, Tolerance, export_qnn, graphs, int_only, runtime
 from brevitas_ana.export.graphs import Layer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ def test_all_formats_match_pytorch(bits, per_channel, quantisers, tmp_path):
     report = export_qnn(model, images, tmp_path, labels=labels, batch_size=20)
     with torch.no_grad():
         expected_top1 = 100.0 * (model(images).argmax(1) == labels).float().mean().item()
-    for fmt in ("qonnx", "qcdq", "int"):
+    for fmt in ("qonnx", "qcdq", "int", "int_only"):
         row = report["formats"][fmt]
         assert row["top1_torch"] == pytest.approx(expected_top1)
         loaded = onnx.load(row["file"])  # one self-contained file
@@ -117,6 +117,24 @@ def test_all_formats_match_pytorch(bits, per_channel, quantisers, tmp_path):
             continue  # onnxruntime's fused u8/s8 kernels saturate here: checked below
         assert row["passed"] and row["argmax_agreement"] == 100.0
         assert row["max_diff_quanta"] <= 1.0
+    # the QONNX file is FINN-ready: static shapes with batch 1, and it runs as it stands
+    qonnx_file = onnx.load(tmp_path / "model_qonnx.onnx")
+    assert graphs.finn_problems(qonnx_file) == [] and report["finn_ready"]["ready"]
+    assert [d.dim_value for d in qonnx_file.graph.input[0].type.tensor_type.shape.dim] == \
+        [1, 3, 8, 8]
+    alone = runtime.run_qonnx(qonnx_file, images[:1].numpy(), 1, fixed=True)
+    with torch.no_grad():
+        np.testing.assert_allclose(alone, model(images[:1]).numpy(), rtol=0, atol=1e-5)
+    # the integer-only graph: integers from the input quantiser to the last layer
+    assert report["int_only"]["float_tensors_between_layers"] == []
+    assert int_only.float_tensors_between(onnx.load(tmp_path / "model_int_only.onnx")) == []
+    # reference.npz: the images and PyTorch's logits, for finn_check.py
+    ref = np.load(tmp_path / "reference.npz")
+    with torch.no_grad():
+        np.testing.assert_array_equal(ref["logits"], model(images).numpy())
+    np.testing.assert_array_equal(ref["images"], images.numpy())
+    np.testing.assert_array_equal(ref["labels"], labels.numpy())
+    assert ref["quantum"].tolist() == report["output_quantum"]
     qonnx_ops = {n.op_type for n in onnx.load(tmp_path / "model_qonnx.onnx").graph.node}
     assert ("BipolarQuant" in qonnx_ops) == (bits == "w1a1") and "Quant" in qonnx_ops
     assert onnx.load(tmp_path / "model_qonnx.onnx").opset_import[0].version == 13
@@ -152,7 +170,7 @@ def test_learned_float_scales_with_batchnorm(bits, tmp_path):
     model = brevitas_ana.to_ana(tiny_qnn(bits, per_channel=True, po2=False))
     images, labels = fixed_batch(96)
     report = export_qnn(model, images, tmp_path, labels=labels)
-    for fmt in ("qonnx", "qcdq", "int"):
+    for fmt in ("qonnx", "qcdq", "int", "int_only"):
         row = report["formats"][fmt]
         assert row["argmax_agreement"] == 100.0
         assert row["frac_differ"] <= 0.02
@@ -166,12 +184,35 @@ def test_learned_float_scales_with_batchnorm(bits, tmp_path):
     assert nbits == any("accuracy_level" in n for n in report["notes"])
 
 
+def test_finn_problems_name_what_finn_would_trip_on():
+    """A symbolic batch (what gave FINN's hardware layers zero input vectors), an initializer
+    listed as a graph input, a QONNX op outside its domain: each is named."""
+    model = tiny_qnn("w2a2", per_channel=False)
+    images, _ = fixed_batch(2)
+    dynamic = graphs.qonnx_from_torch(model, images, dynamic_batch=True)
+    problems = graphs.finn_problems(dynamic)
+    assert any("not static" in p for p in problems) and any("batch" in p for p in problems)
+    static = graphs.qonnx_from_torch(model, images)
+    assert graphs.finn_problems(static) == []
+    broken = onnx.ModelProto.FromString(static.SerializeToString())
+    init = broken.graph.initializer[0]
+    broken.graph.input.append(onnx.helper.make_tensor_value_info(
+        init.name, init.data_type, list(init.dims)))
+    quant = next(n for n in broken.graph.node if n.op_type == "Quant")
+    quant.domain = "finn.custom_op.general"
+    problems = graphs.finn_problems(broken)
+    assert "initializers listed as graph inputs" in problems
+    assert any(p.startswith(f"{quant.name}: Quant in domain 'finn.custom_op.general'")
+               for p in problems)
+    assert any("2 inputs" in p for p in problems)
+
+
 def test_integer_graph_is_exact_on_the_integers():
     """The integer graph's pre-BN layer outputs equal (s_x s_w) * sum(x_q w_q), computed here from
     the PyTorch model's own integer tensors."""
     model = tiny_qnn("w4a4", per_channel=True)
     images, _ = fixed_batch(8)
-    qcdq = graphs.qonnx_to_qcdq(graphs.qonnx_from_torch(model, images))
+    qcdq = graphs.qonnx_to_qcdq(graphs.qonnx_from_torch(model, images, dynamic_batch=True))
     integer, layers = graphs.qcdq_to_integer(qcdq)
     first = layers[0]
     integer.graph.output.insert(0, onnx.helper.make_tensor_value_info(
@@ -194,7 +235,7 @@ def test_qcdq_matches_brevitas_own_qcdq_export(tmp_path):
                      dynamo=False, opset_version=13)
     theirs = ort.InferenceSession(str(tmp_path / "brevitas.onnx"),
                                   providers=["CPUExecutionProvider"])
-    ours = graphs.qonnx_to_qcdq(graphs.qonnx_from_torch(model, images))
+    ours = graphs.qonnx_to_qcdq(graphs.qonnx_from_torch(model, images, dynamic_batch=True))
     quantum = graphs.output_quantum(ours, graphs.qcdq_to_integer(ours)[1])
     a = np.concatenate([theirs.run(None, {theirs.get_inputs()[0].name: images[i:i + 1].numpy()})[0]
                         for i in range(len(images))])
@@ -206,7 +247,7 @@ def test_output_quantum_closed_form():
     """Last layer QuantLinear -> BatchNorm1d: one step is s_x * s_w * |gamma| / sqrt(var + eps)."""
     model = tiny_qnn("w4a4", per_channel=True)
     images, _ = fixed_batch(4)
-    qcdq = graphs.qonnx_to_qcdq(graphs.qonnx_from_torch(model, images))
+    qcdq = graphs.qonnx_to_qcdq(graphs.qonnx_from_torch(model, images, dynamic_batch=True))
     quantum = graphs.output_quantum(qcdq, graphs.qcdq_to_integer(qcdq)[1])
     act, linear, bn = model[11], model[12], model[13]
     s_x = act.act_quant(torch.zeros(1, 32)).scale
@@ -322,9 +363,11 @@ def test_cli_exports_and_validates_a_recipe_run(trained_run, tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["passed"] and report["num_images"] == 40
     assert "CIFAR-10 test set" in report["input"] and "[0, 1]" in report["input"]
-    for fmt in ("qonnx", "qcdq", "int"):
+    for fmt in ("qonnx", "qcdq", "int", "int_only"):
         assert report["formats"][fmt]["argmax_agreement"] == 100.0
         assert f"model_{fmt}.onnx" in proc.stdout
+    assert "qonnx: FINN-ready" in proc.stdout and report["finn_ready"]["ready"]
+    assert "float tensors between layers: none" in proc.stdout
     assert "PASSED" in proc.stdout and "ConvInteger" in proc.stdout
     # the checkpoint directory alone (with the run's config two levels up) works too
     ckpt = next((run / "checkpoints").iterdir())
