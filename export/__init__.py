@@ -1,7 +1,10 @@
-"""The export stage: a trained QNN to QONNX (FINN), QCDQ ONNX and integer ONNX for onnxruntime,
-each validated against the PyTorch model.
+"""The export stage: a trained QNN to QONNX (FINN), QCDQ ONNX, integer and integer-only ONNX
+for onnxruntime, each validated against the PyTorch model.
 
-- :mod:`graphs`: how each graph is derived (QONNX -> QCDQ -> integer), the output quantum;
+- :mod:`graphs`: how each graph is derived (QONNX -> QCDQ -> integer), FINN-readiness, the
+  output quantum;
+- :mod:`int_only`: the integer-only graph (BatchNorm + quantiser as integer thresholds);
+- :mod:`finn_check`: FINN's own front end on a QONNX file, stage by stage, in its own venv;
 - :mod:`runtime`: onnxruntime / qonnx execution, executed kernels, saturation probe, latency;
 - :mod:`validate`: the comparison figures and the report table;
 - :mod:`checkpoint`: rebuilding a network from a recipe run;

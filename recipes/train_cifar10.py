@@ -141,8 +141,9 @@ def rank_agreement(accelerator, model) -> bool:
 
 
 def export_and_validate(net, test_set, run_dir: Path, accelerator, max_images: int = 500):
-    """QONNX, QCDQ and integer ONNX of the trained network in RUN/export, validated against it on
-    the first test images (the full export stage: ``export/export_qnn.py``)."""
+    """QONNX (FINN-ready), QCDQ, integer and integer-only ONNX of the trained network in
+    RUN/export, validated against it on the first test images (the full export stage:
+    ``export/export_qnn.py``)."""
     from brevitas_ana.export import ExportError, export_qnn
     from brevitas_ana.export.validate import table
     n = min(max_images, len(test_set))

@@ -139,6 +139,17 @@ def test_int_only_agrees_with_pytorch(bits, tmp_path):
     assert all(r["integer"] for r in info["layers"])
 
 
+def integer_graph(model, x):
+    """(integer graph, layers) of ``model`` after one training pass on random inputs (the
+    activation scales)."""
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(16, x.shape[1]))
+    model.eval()
+    qcdq = graphs.qonnx_to_qcdq(graphs.qonnx_from_torch(model, x, dynamic_batch=True))
+    return graphs.qcdq_to_integer(qcdq)
+
+
 class Tanh(nn.Module):
     def forward(self, x):
         return torch.tanh(x)
@@ -149,13 +160,8 @@ def test_unsupported_op_is_an_error_naming_the_node_and_other_graphs_are_written
                           qnn.QuantLinear(4, 8, bias=False), Tanh(),
                           qnn.QuantIdentity(act_quant=Int8ActPerTensorFloat),
                           qnn.QuantLinear(8, 3, bias=False))
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(16, 4))
-    model.eval()
     x = torch.randn(20, 4)
-    qcdq = graphs.qonnx_to_qcdq(graphs.qonnx_from_torch(model, x, dynamic_batch=True))
-    integer, layers = graphs.qcdq_to_integer(qcdq)
+    integer, layers = integer_graph(model, x)
     with pytest.raises(ExportError, match=r"Tanh node Tanh_0: between the accumulator of "
                                           r"MatMul_0 and its activation quantiser"):
         int_only.integer_to_int_only(integer, layers)
@@ -174,13 +180,7 @@ def test_per_channel_activation_scale_is_an_error_naming_the_node():
     model = nn.Sequential(qnn.QuantIdentity(act_quant=Int8ActPerTensorFloat),
                           qnn.QuantLinear(4, 8, bias=False), nn.BatchNorm1d(8), act,
                           qnn.QuantLinear(8, 3, bias=False))
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(16, 4))
-    model.eval()
-    x = torch.randn(4, 4)
-    qcdq = graphs.qonnx_to_qcdq(graphs.qonnx_from_torch(model, x, dynamic_batch=True))
-    integer, layers = graphs.qcdq_to_integer(qcdq)
+    integer, layers = integer_graph(model, torch.randn(4, 4))
     with pytest.raises(ExportError, match=r"QuantizeLinear node Quant_\d+_q: per-channel "
                                           r"activation scale"):
         int_only.integer_to_int_only(integer, layers)
