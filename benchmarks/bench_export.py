@@ -31,9 +31,10 @@ from brevitas_ana.export import graphs, int_only, runtime
 
 def build(checkpoint):
     if checkpoint:
-        from brevitas_ana.export.checkpoint import load_trained
-        model, cfg, _ = load_trained(checkpoint)
-        return model, f"{cfg.model} W{cfg.weight_bit_width}A{cfg.act_bit_width} from {checkpoint}"
+        from brevitas_ana.recipes.checkpoint import load_trained
+        from brevitas_ana.recipes.models import describe
+        model, spec, _ = load_trained(checkpoint)
+        return model, f"{describe(spec)} from {checkpoint}"
     from brevitas_examples.bnn_pynq.models.CNV import CNV
     torch.manual_seed(0)
     model = CNV(num_classes=10, weight_bit_width=2, act_bit_width=2, in_bit_width=8, in_ch=3)

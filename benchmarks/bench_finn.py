@@ -1,6 +1,6 @@
 """Recipe runs through the export stage and FINN's own front end, one table.
 
-For each run directory: export it (``export/export_qnn.py``: QONNX, QCDQ, integer, integer-only,
+For each run directory: export it (``recipes/export_run.py``: QONNX, QCDQ, integer, integer-only,
 validated on the CIFAR-10 test images), then run FINN's flow on its QONNX file stage by stage
 (``export/finn_check.py``, in FINN's own virtual environment, created on first use) on the first
 ``--finn-images`` test images. Prints a Markdown table (and writes it to ``--output``):
@@ -28,7 +28,7 @@ def describe(run: Path) -> str:
 
 def one(run: Path, data_dir: str, num_images: int, finn_images: int, venv: Path) -> dict:
     out = run / "export"
-    cmd = [sys.executable, str(ROOT / "export" / "export_qnn.py"), "--checkpoint", str(run),
+    cmd = [sys.executable, str(ROOT / "recipes" / "export_run.py"), "--checkpoint", str(run),
            "--output-dir", str(out)]
     if data_dir:
         cmd += ["--data-dir", data_dir]

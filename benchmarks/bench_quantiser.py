@@ -139,13 +139,14 @@ def main(argv=None):
         ana.load_state_dict(stock.state_dict())
         health = None
         if args.health:
-            controller = brevitas_ana.AnaController(ana, preset="static", sigma=0.0,
-                                                    example_input=images[:2])
+            controller = brevitas_ana.AnaController(
+                ana, preset="static", config=brevitas_ana.AnaConfig(sigma=0.0),
+                example_input=images[:2])
             health = brevitas_ana.GradientHealth(controller)
         for sigma, backward in ((s, b) for s in args.sigmas for b in args.backward):
             for _, q in brevitas_ana.ana_quantizers(ana):
                 q.backward = backward
-            brevitas_ana.set_noise(ana, sigma, sigma_grad_min=args.sigma_grad_min)
+            brevitas_ana.set_sigma(ana, sigma, sigma_grad_min=args.sigma_grad_min)
             steps = {"stock": Step(stock, images, labels),
                      "ana": Step(ana, images, labels, health)}
             for _ in range(args.warmup):

@@ -3,7 +3,8 @@
 Where things live:
     noise.py       noise families (CDF, PDF, support) and their registry
     functional.py  ana_round: the smoothed stair and its autograd function (where sigma is used)
-    quant.py       Brevitas adaptation: Ana* quantisers, ana_quant(), set_noise() (where it is stored)
+    options.py     AnaConfig: the ANA settings, one set of defaults
+    quant.py       Brevitas adaptation: Ana* quantisers, ana_quant(), set_sigma() (where it is stored)
     schedules.py   annealing factors g(t)
     controller.py  AnaController: orders and groups quantisers, sets sigma(t) and the backward
                    noise (where they come from)
@@ -20,8 +21,9 @@ from brevitas_ana.health import GradientHealth  # noqa: E402
 from brevitas_ana.convert import quantize_timm, to_ana, to_stock  # noqa: E402
 from brevitas_ana.functional import ana_round  # noqa: E402
 from brevitas_ana.noise import NoiseFamily, get_noise, register_noise  # noqa: E402
+from brevitas_ana.options import AnaConfig  # noqa: E402
 from brevitas_ana.quant import (AnaQuantMixin, ana_quant, ana_quantizers,  # noqa: E402
-                                keep_quant_modules, set_noise, stock_quant)
+                                keep_quant_modules, set_noise, set_sigma, stock_quant)
 from brevitas_ana.schedules import make_schedule  # noqa: E402
 
 __version__ = "0.1.0"
@@ -29,5 +31,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ana_round", "functional", "noise", "schedules", "NoiseFamily", "get_noise", "register_noise",
     "AnaQuantMixin", "ana_quant", "stock_quant", "ana_quantizers", "keep_quant_modules",
-    "set_noise", "AnaController", "PRESETS", "BACKWARD_POLICIES", "GradientHealth", "make_schedule", "to_ana", "to_stock",
+    "set_sigma", "set_noise", "AnaConfig", "AnaController", "PRESETS", "BACKWARD_POLICIES", "GradientHealth", "make_schedule", "to_ana", "to_stock",
     "quantize_timm", "__version__"]

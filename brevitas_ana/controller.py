@@ -52,6 +52,7 @@ from torch import nn
 
 from brevitas_ana.functional import check_noise_args, check_number, check_sigma
 from brevitas_ana.noise import get_noise
+from brevitas_ana.options import AnaConfig, resolve
 from brevitas_ana.quant import AnaQuantMixin
 from brevitas_ana.schedules import Constant, Schedule, Window, make_schedule
 
@@ -104,13 +105,16 @@ class AnaController:
         model: a model with ANA quantisers (a DDP wrapper is unwrapped).
         preset: one of :data:`PRESETS`.
         total_steps: optimiser steps of the whole run (required unless static).
+        config: an :class:`~brevitas_ana.AnaConfig`; the controller uses its ``sigma`` and ``mu``
+            (starting standard deviation and mean of the noise, in quantisation steps;
+            ``sigma=None``: the family's ``default_sigma``), ``backward`` (one of
+            :data:`BACKWARD_POLICIES`, table above) and ``sigma_grad_min`` (the backward floor
+            of ``floor`` / ``schedule``; ``None``: the family's ``default_sigma``). The noise
+            family and forward strategy are the quantisers' own. The keywords ``sigma=``,
+            ``mu=``, ``backward=``, ``sigma_grad_min=`` of the earlier API still work, with a
+            DeprecationWarning.
         anneal_end: fraction of ``total_steps`` by which every preset window has ended, in
             (0, 1]; the rest of the run trains noise-free.
-        sigma, mu: starting standard deviation and mean of the noise, in quantisation steps
-            (``sigma=None``: the family's ``default_sigma``).
-        backward: backward policy, one of :data:`BACKWARD_POLICIES` (table above).
-        sigma_grad_min: the backward floor of ``floor`` / ``schedule`` (``None``: the family's
-            ``default_sigma``).
         groups: ``None`` (by layer: a layer's quantisers plus the activation quantiser right after
             it) or ``{group name: [fnmatch patterns]}`` matched against the quantisers' layer names
             and full module names; every quantiser must match exactly one group.
@@ -124,12 +128,16 @@ class AnaController:
     """
 
     def __init__(self, model: nn.Module, preset: str = "progressive",
-                 total_steps: Optional[int] = None, sigma: Optional[float] = None,
-                 mu: float = 0.0, backward: str = "floor",
-                 sigma_grad_min: Optional[float] = None, anneal_end: float = 0.7,
-                 groups: Optional[Dict[str, Sequence[str]]] = None,
+                 total_steps: Optional[int] = None, config: Optional[AnaConfig] = None,
+                 anneal_end: float = 0.7, groups: Optional[Dict[str, Sequence[str]]] = None,
                  schedules: Optional[Dict[str, dict]] = None, time_unit: str = "step",
-                 steps_per_epoch: Optional[int] = None, example_input=None):
+                 steps_per_epoch: Optional[int] = None, example_input=None, **legacy):
+        unknown = sorted(set(legacy) - {"sigma", "mu", "backward", "sigma_grad_min"})
+        if unknown:
+            raise TypeError(f"AnaController: unknown keyword(s) {unknown}")
+        config = resolve(config, legacy, "AnaController")
+        sigma, mu, backward = config.sigma, config.mu, config.backward
+        sigma_grad_min = config.sigma_grad_min
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         self.model = model
@@ -177,7 +185,7 @@ class AnaController:
         for m in self._quantizers.values():
             # every preset starts at g = 1; the controller's policy replaces the quantisers' own
             m.backward = self._quantizer_policy()
-            m.set_noise(self.sigma0, self.mu0, self.sigma_grad_min)
+            m.set_sigma(self.sigma0, self.mu0, self.sigma_grad_min)
         if example_input is not None:
             self._order_with(example_input)
         else:
@@ -337,7 +345,7 @@ class AnaController:
                 # looked up by name: Brevitas replaces quantiser modules when loading a state_dict
                 m = self.model.get_submodule(name)
                 m.backward = self._quantizer_policy()
-                m.set_noise(sigma, mu, floor)
+                m.set_sigma(sigma, mu, floor)
 
     def step(self, n: int = 1):
         """Advance time by ``n`` optimiser steps and update every quantiser's noise."""

@@ -8,15 +8,15 @@ proxy's injector is swapped too, so that anything Brevitas rebuilds later is reb
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import brevitas.nn as qnn
 from brevitas.proxy.parameter_quant import WeightQuantProxyFromInjectorBase
 from brevitas.proxy.runtime_quant import ActQuantProxyFromInjectorBase
 from torch import nn
 
-from brevitas_ana.functional import check_backward, check_noise_args, check_sigma
-from brevitas_ana.noise import get_noise
+from brevitas_ana.functional import check_sigma
+from brevitas_ana.options import AnaConfig, resolve
 from brevitas_ana.quant import (ANA_OPTIONS, STOCK, TWINS, AnaInt8ActPerTensorFloat,
                                 AnaInt8WeightPerChannelFloat, AnaQuantMixin, ana_quant,
                                 stock_quant)
@@ -52,30 +52,37 @@ def _swap_leaves(proxy: nn.Module, mapping: dict, init) -> int:
     return len(swaps)
 
 
-def to_ana(model: nn.Module, noise: str = "uniform", strategy: str = "expectation",
-           annealed_grad: str = "ste", sigma: float = 0.0, mu: float = 0.0,
-           backward: str = "exact", sigma_grad_min: float = None) -> nn.Module:
-    """Switch every integer / binary weight and activation quantiser of a Brevitas model to its
-    ANA twin, in place; returns the model. Weights, learned scales and statistics are kept.
-    The keywords are the quantisers' ANA options (see :class:`~brevitas_ana.quant.AnaQuantMixin`);
-    ``sigma_grad_min=None`` is the family's ``default_sigma``.
+def to_ana(model: nn.Module, config: Optional[AnaConfig] = None,
+           filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, **legacy) -> nn.Module:
+    """Switch the integer / binary weight and activation quantisers of a Brevitas model to their
+    ANA twins with the options of ``config`` (default ``AnaConfig()``), in place; returns the
+    model. Weights, learned scales and statistics are kept; the quantisers start noise-free (the
+    controller, or :func:`~brevitas_ana.set_sigma`, sets their noise). ``filter_fn(module,
+    name)``, as in torchao's ``quantize_``, picks the layers (the modules that own the
+    quantisers) to convert; default: all.
 
     Quantisers with no ANA twin (float, ternary-threshold) are left as they are, with a warning;
-    ``ValueError`` if there is nothing to convert."""
-    get_noise(noise)
-    sigma, mu = check_noise_args(sigma, mu, strategy, annealed_grad)
-    check_backward(backward)
-    if sigma_grad_min is not None:
-        sigma_grad_min = check_sigma("sigma_grad_min", sigma_grad_min)
-    options = dict(ana_noise=noise, ana_strategy=strategy, ana_annealed_grad=annealed_grad,
-                   ana_sigma=sigma, ana_mu=mu, ana_backward=backward,
-                   ana_sigma_grad_min=sigma_grad_min)
+    ``ValueError`` if there is nothing to convert. The keywords of the earlier API
+    (``noise=``, ``strategy=``, ``annealed_grad=``, ``sigma=``, ``mu=``, ``backward=``,
+    ``sigma_grad_min=``) still work, with a DeprecationWarning."""
+    if isinstance(config, str):  # to_ana(model, "normal"): the earlier positional noise
+        legacy, config = {"noise": config, **legacy}, None
+    start_sigma = legacy.get("sigma", 0.0)  # the earlier API set the quantisers' initial noise
+    config = resolve(config, legacy, "to_ana")
+    options = config.injector_options()
+    if start_sigma:
+        options["ana_sigma"] = check_sigma("sigma", start_sigma)
+    modules = dict(model.named_modules())
     converted, skipped = 0, []
     for name, proxy in quant_proxies(model):
+        owner = name.rpartition(".")[0]
+        if filter_fn is not None and not filter_fn(modules.get(owner, model), owner):
+            continue
         if any(isinstance(m, AnaQuantMixin) for m in proxy.modules()):
             continue
         n = _swap_leaves(proxy, TWINS, lambda m: m._init_ana(
-            noise, strategy, annealed_grad, sigma, mu, backward, sigma_grad_min))
+            config.noise, config.strategy, config.annealed_grad, options["ana_sigma"],
+            config.mu, config.quantiser_backward, config.sigma_grad_min))
         if n == 0:
             if getattr(proxy, "is_quant_enabled", False):
                 skipped.append(name)
@@ -85,7 +92,8 @@ def to_ana(model: nn.Module, noise: str = "uniform", strategy: str = "expectatio
     if skipped:
         warnings.warn(f"to_ana: no ANA twin for the quantisers of {skipped}; left as they are")
     if converted == 0 and not any(isinstance(m, AnaQuantMixin) for m in model.modules()):
-        raise ValueError("model: no Brevitas integer or binary weight/activation quantiser found")
+        raise ValueError("model: no Brevitas integer or binary weight/activation quantiser found"
+                         + (" that filter_fn selects" if filter_fn is not None else ""))
     return model
 
 
@@ -127,7 +135,8 @@ def _layer_map(model: nn.Module, weight_bit_width: int, act_bit_width: int, weig
 def quantize_timm(model: nn.Module, weight_bit_width: int = 4, act_bit_width: int = 4,
                   first_layer_bit_width: Optional[int] = 8, last_layer_bit_width: Optional[int] = 8,
                   weight_quant=AnaInt8WeightPerChannelFloat,
-                  act_quant=AnaInt8ActPerTensorFloat, **ana_options) -> nn.Module:
+                  act_quant=AnaInt8ActPerTensorFloat, config: Optional[AnaConfig] = None,
+                  **legacy) -> nn.Module:
     """Turn a float timm (or any torch) model into a Brevitas QNN with ANA quantisers.
 
     Every ``Conv2d`` and ``Linear`` becomes a ``QuantConv2d`` / ``QuantLinear`` whose weight
@@ -135,7 +144,8 @@ def quantize_timm(model: nn.Module, weight_bit_width: int = 4, act_bit_width: in
     since timm blocks feed layers with signed residual sums) are quantised, with Brevitas'
     ``layerwise_quantize``. The first and the last such layer (in registration order) use
     ``first_layer_bit_width`` / ``last_layer_bit_width`` for both (``None``: same as the others).
-    ``ana_options`` are ANA injector options (``ana_noise=...``). Weights are kept.
+    ``config`` (an :class:`~brevitas_ana.AnaConfig`) sets the ANA options; the earlier
+    ``ana_noise=...`` keywords still work, with a DeprecationWarning. Weights are kept.
     """
     from brevitas.graph.quantize import layerwise_quantize
     for field, bits in (("weight_bit_width", weight_bit_width), ("act_bit_width", act_bit_width),
@@ -145,10 +155,13 @@ def quantize_timm(model: nn.Module, weight_bit_width: int = 4, act_bit_width: in
             continue
         if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 16:
             raise ValueError(f"{field} must be an integer in [2, 16], got {bits!r}")
-    for key in ana_options:
+    for key in legacy:
         if key not in ANA_OPTIONS:
-            raise ValueError(f"{key}: unknown option of quantize_timm; ANA options: "
-                             f"{', '.join(ANA_OPTIONS)}")
+            raise ValueError(f"{key}: unknown option of quantize_timm; ANA options go in "
+                             f"config=AnaConfig(...)")
+    ana_options = resolve(config, legacy, "quantize_timm", spelling="ana_{}").injector_options()
+    if legacy.get("ana_sigma"):  # the earlier API set the quantisers' initial noise
+        ana_options["ana_sigma"] = check_sigma("ana_sigma", legacy["ana_sigma"])
     layer_map = _layer_map(model, weight_bit_width, act_bit_width, weight_quant, act_quant,
                            ana_options)
     layers = [n for n, m in model.named_modules() if type(m) in layer_map]

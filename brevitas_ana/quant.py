@@ -7,12 +7,13 @@ while training with noise; proxies, scales, zero points, bit widths, state-dict 
 handlers are Brevitas' own, so eval mode and export are bit-identical to the stock quantiser.
 
 Where sigma is used: :meth:`AnaQuantMixin.noise_args` is read by ``to_int`` (integer quantisers)
-and ``forward`` (binary ones); :func:`set_noise` and the controller write it.
+and ``forward`` (binary ones); :func:`set_sigma` and the controller write it.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from typing import Iterator, Tuple
 
 import brevitas.config
@@ -33,10 +34,13 @@ from torch import Tensor, nn
 from brevitas_ana.functional import (SIGMA_MIN, ana_round, check_backward, check_noise_args,
                                      check_sigma)
 from brevitas_ana.noise import get_noise
+from brevitas_ana.options import AnaConfig
+
+_DEFAULT = AnaConfig()  # the one set of defaults (brevitas_ana.options)
 
 __all__ = [
     "AnaQuantMixin", "AnaIntQuant", "AnaDecoupledIntQuant", "AnaBinaryQuant",
-    "AnaClampedBinaryQuant", "ana_quant", "stock_quant", "set_noise", "ana_quantizers",
+    "AnaClampedBinaryQuant", "ana_quant", "stock_quant", "set_sigma", "set_noise", "ana_quantizers",
     "keep_quant_modules",
     "AnaInt8WeightPerTensorFloat", "AnaInt8WeightPerChannelFloat", "AnaInt8ActPerTensorFloat",
     "AnaUint8ActPerTensorFloat", "AnaSignedBinaryWeightPerTensorConst",
@@ -78,14 +82,20 @@ class AnaQuantMixin:
         self.annealed_grad = annealed_grad
         self.backward = check_backward(backward)
         self.sigma_grad_min = family.default_sigma
-        self.set_noise(sigma, mu, sigma_grad_min)
+        self.set_sigma(sigma, mu, sigma_grad_min)
 
-    def set_noise(self, sigma, mu=0.0, sigma_grad_min=None):
+    def set_sigma(self, sigma, mu=0.0, sigma_grad_min=None):
         """Set the noise to standard deviation ``sigma`` and mean ``mu`` (steps), and, when given,
         the backward floor ``sigma_grad_min`` (used by the ``floor`` policy)."""
         self.sigma, self.mu = check_noise_args(sigma, mu, self.strategy, self.annealed_grad)
         if sigma_grad_min is not None:
             self.sigma_grad_min = check_sigma("sigma_grad_min", sigma_grad_min)
+
+    def set_noise(self, sigma, mu=0.0, sigma_grad_min=None):
+        """Deprecated spelling of :meth:`set_sigma`."""
+        warnings.warn("set_noise() is deprecated and will be removed in the next release; use "
+                      "set_sigma()", DeprecationWarning, stacklevel=2)
+        self.set_sigma(sigma, mu, sigma_grad_min)
 
     @property
     def grad_floor(self) -> float:
@@ -123,9 +133,9 @@ class _AnaIntMixin(AnaQuantMixin):
     def __init__(self, narrow_range: bool, signed: bool, input_view_impl: nn.Module,
                  float_to_int_impl: nn.Module = RoundSte(),
                  tensor_clamp_impl: nn.Module = TensorClamp(), quant_delay_steps: int = 0,
-                 ana_noise: str = "uniform", ana_strategy: str = "expectation",
-                 ana_annealed_grad: str = "ste", ana_sigma: float = 0.0, ana_mu: float = 0.0,
-                 ana_backward: str = "exact", ana_sigma_grad_min: float = None):
+                 ana_noise: str = _DEFAULT.noise, ana_strategy: str = _DEFAULT.strategy,
+                 ana_annealed_grad: str = "ste", ana_sigma: float = 0.0, ana_mu: float = _DEFAULT.mu,
+                 ana_backward: str = _DEFAULT.backward, ana_sigma_grad_min: float = None):
         super().__init__(narrow_range, signed, input_view_impl, float_to_int_impl,
                          tensor_clamp_impl, quant_delay_steps)
         _check_round(float_to_int_impl)
@@ -189,9 +199,9 @@ class AnaBinaryQuant(_AnaBinaryMixin, BinaryQuant):
     """:class:`brevitas.core.quant.BinaryQuant` with ANA sign."""
 
     def __init__(self, scaling_impl: nn.Module, signed: bool = True, quant_delay_steps: int = 0,
-                 ana_noise: str = "uniform", ana_strategy: str = "expectation",
-                 ana_annealed_grad: str = "ste", ana_sigma: float = 0.0, ana_mu: float = 0.0,
-                 ana_backward: str = "exact", ana_sigma_grad_min: float = None):
+                 ana_noise: str = _DEFAULT.noise, ana_strategy: str = _DEFAULT.strategy,
+                 ana_annealed_grad: str = "ste", ana_sigma: float = 0.0, ana_mu: float = _DEFAULT.mu,
+                 ana_backward: str = _DEFAULT.backward, ana_sigma_grad_min: float = None):
         super().__init__(scaling_impl, signed, quant_delay_steps)
         self._init_ana(ana_noise, ana_strategy, ana_annealed_grad, ana_sigma, ana_mu,
                        ana_backward, ana_sigma_grad_min)
@@ -201,9 +211,9 @@ class AnaClampedBinaryQuant(_AnaBinaryMixin, ClampedBinaryQuant):
     """:class:`brevitas.core.quant.ClampedBinaryQuant` with ANA sign."""
 
     def __init__(self, scaling_impl: nn.Module, tensor_clamp_impl: nn.Module = TensorClamp(),
-                 quant_delay_steps: int = 0, ana_noise: str = "uniform",
-                 ana_strategy: str = "expectation", ana_annealed_grad: str = "ste",
-                 ana_sigma: float = 0.0, ana_mu: float = 0.0, ana_backward: str = "exact",
+                 quant_delay_steps: int = 0, ana_noise: str = _DEFAULT.noise,
+                 ana_strategy: str = _DEFAULT.strategy, ana_annealed_grad: str = "ste",
+                 ana_sigma: float = 0.0, ana_mu: float = _DEFAULT.mu, ana_backward: str = _DEFAULT.backward,
                  ana_sigma_grad_min: float = None):
         super().__init__(scaling_impl, tensor_clamp_impl, quant_delay_steps)
         self._init_ana(ana_noise, ana_strategy, ana_annealed_grad, ana_sigma, ana_mu,
@@ -269,15 +279,20 @@ def _retarget(quant, mapping, name: str, doc: str, overrides: dict):
     return type(quant)(name, (quant,), namespace)
 
 
-def ana_quant(quant, name: str = None, **overrides):
+def ana_quant(quant, name: str = None, config: "AnaConfig" = None, **overrides):
     """The ANA twin of a Brevitas integer or binary quantiser (injector) class.
 
     The twin is a subclass of ``quant`` whose rounding module is the ANA one; everything else,
-    solver logic included, is inherited. ``overrides`` are injector attributes, e.g.
-    ``ana_quant(Int8ActPerTensorFloat, ana_noise="normal", ana_strategy="mode", ana_sigma=0.5)``;
+    solver logic included, is inherited. ``config`` (an :class:`~brevitas_ana.AnaConfig`) sets
+    its ANA options; ``overrides`` are injector attributes on top, e.g.
+    ``ana_quant(Int8ActPerTensorFloat, config=AnaConfig(noise="normal"), ana_sigma=0.5)``;
     like any Brevitas quantiser the twin also accepts ``.let(...)`` and layer keywords such as
     ``weight_ana_noise="logistic"``.
     """
+    if config is not None:
+        if not isinstance(config, AnaConfig):
+            raise TypeError(f"config must be an AnaConfig, got {type(config).__name__}")
+        overrides = {**config.injector_options(), **overrides}
     for key in overrides:
         if key.startswith("ana_") and key not in ANA_OPTIONS:
             raise ValueError(f"{key}: unknown ANA option; known: {', '.join(ANA_OPTIONS)}")
@@ -318,18 +333,25 @@ def ana_quantizers(model: nn.Module) -> Iterator[Tuple[str, AnaQuantMixin]]:
             yield name, module
 
 
-def set_noise(model: nn.Module, sigma, mu=0.0, sigma_grad_min=None) -> int:
-    """Set standard deviation ``sigma`` and mean ``mu`` (steps) of every ANA quantiser in
-    ``model``, and the backward floor ``sigma_grad_min`` when given; returns how many were set.
-    ``ValueError`` if the model has none."""
+def set_sigma(model: nn.Module, sigma, mu=0.0, sigma_grad_min=None) -> int:
+    """Set the noise of every ANA quantiser in ``model`` to standard deviation ``sigma`` and
+    mean ``mu`` (steps), and the backward floor ``sigma_grad_min`` when given; returns how many
+    were set. ``ValueError`` if the model has none."""
     count = 0
     for _, module in ana_quantizers(model):
-        module.set_noise(sigma, mu, sigma_grad_min)
+        module.set_sigma(sigma, mu, sigma_grad_min)
         count += 1
     if count == 0:
         raise ValueError("model: no ANA quantiser found (swap quantisers with their Ana* twins "
                          "or convert the model first)")
     return count
+
+
+def set_noise(model: nn.Module, sigma, mu=0.0, sigma_grad_min=None) -> int:
+    """Deprecated spelling of :func:`set_sigma` (it sets sigma, not the noise family)."""
+    warnings.warn("set_noise() is deprecated and will be removed in the next release; use "
+                  "set_sigma()", DeprecationWarning, stacklevel=2)
+    return set_sigma(model, sigma, mu, sigma_grad_min)
 
 
 AnaInt8WeightPerTensorFloat = ana_quant(Int8WeightPerTensorFloat)

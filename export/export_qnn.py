@@ -1,32 +1,27 @@
-"""Export a trained QNN to QONNX, QCDQ ONNX and an integer ONNX graph, and validate each against
-the PyTorch model.
-
-    python export/export_qnn.py --checkpoint runs/cnv_w2a2 --output-dir runs/cnv_w2a2/export \\
-        --data-dir ../shared/data/cifar10
-    brevitas-ana-export --checkpoint runs/cnv_w2a2 --output-dir out      # the same, installed
-
-From Python::
+"""Export a QNN to QONNX, QCDQ ONNX, an integer and an integer-only ONNX graph, and validate
+each against the PyTorch model::
 
     from brevitas_ana.export import export_qnn
     report = export_qnn(model, images, "out", labels=labels)
 
+(The command that exports a recipe run, ``recipes/export_run.py`` / ``brevitas-ana-export``,
+rebuilds the network and its test images on the recipes' side and calls this.)
+
 Writes ``model_qonnx.onnx`` (FINN-ready: static shapes, batch 1), ``model_qcdq.onnx``,
 ``model_int.onnx``, ``model_int_only.onnx``, ``reference.npz`` (the first images with PyTorch's
 logits and the output quantum: what ``export/finn_check.py`` compares FINN's flow with) and
-``report.json`` (each complete or absent: written to a temporary name, then renamed), prints the
-report's tables and exits non-zero when an export disagrees with PyTorch beyond the tolerance,
-the QONNX file is not FINN-ready, a quantised layer does not run as an integer kernel, the
-integer-only graph cannot be built or has a float tensor between layers, or onnxruntime's integer
-kernels are wrong on this machine.
+``report.json`` (each complete or absent: written to a temporary name, then renamed). The
+report fails when an export disagrees with PyTorch beyond the tolerance, the QONNX file is not
+FINN-ready, a quantised layer does not run as an integer kernel, the integer-only graph cannot be
+built or has a float tensor between layers, or onnxruntime's integer kernels are wrong on this
+machine.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
@@ -42,8 +37,7 @@ from brevitas_ana.export.validate import Tolerance, compare, table
 
 FORMATS = ("qonnx", "qcdq", "int", "int_only")
 REFERENCE_IMAGES = 100  # images kept in reference.npz
-RECIPE_INPUT = ("float32 NCHW in [0, 1] (uint8 pixels / 255), as the recipes' test loader gives "
-                "them; the model's own preprocessing is inside the graph")
+INPUT = "the images given to export_qnn"
 
 
 def check_writable(output_dir) -> Path:
@@ -199,7 +193,7 @@ def torch_logits(model, images: np.ndarray, batch_size: int) -> np.ndarray:
 
 def export_qnn(model: torch.nn.Module, images, output_dir, labels=None,
                formats: Sequence[str] = FORMATS, tolerance: Optional[Tolerance] = None,
-               batch_size: int = 100, input_description: str = RECIPE_INPUT,
+               batch_size: int = 100, input_description: str = INPUT,
                name: str = "model") -> dict:
     """Export ``model`` (ANA or stock quantisers) in ``formats`` to ``output_dir`` and validate
     every file on ``images`` (an N x C x H x W float array or tensor, the model's input) against
@@ -278,87 +272,3 @@ def export_qnn(model: torch.nn.Module, images, output_dir, labels=None,
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, out / "report.json")
     return report
-
-
-# --- command line -----------------------------------------------------------------------------
-
-def _inputs(args, cfg):
-    """(images, labels or None, description) from --inputs, --data-dir or the run's data_dir."""
-    if args.inputs:
-        path = Path(args.inputs)
-        try:
-            data = np.load(path) if path.suffix == ".npy" else torch.load(path, weights_only=True)
-        except Exception as e:
-            raise ExportError(f"--inputs: cannot read {path}: {e}") from None
-        if isinstance(data, dict):
-            images, labels = data.get("images"), data.get("labels")
-        else:
-            images, labels = data, None
-        if images is None:
-            raise ExportError(f"--inputs: {path} has no 'images' entry")
-        images = torch.as_tensor(images).float()[:args.num_images]
-        labels = None if labels is None else torch.as_tensor(labels)[:args.num_images]
-        return images, labels, f"the batch in {path}"
-    from brevitas_ana.recipes.data import CifarBatches, ensure_cifar10, transforms
-    data_dir = args.data_dir or (cfg.data_dir if cfg is not None else None)
-    try:
-        folder = ensure_cifar10(data_dir, download=False)
-    except FileNotFoundError as e:
-        raise ExportError(f"{e} (or give a batch with --inputs)") from None
-    test = CifarBatches(folder, train=False)
-    n = min(args.num_images or len(test), len(test))
-    images = transforms(False)(test.images[:n])
-    return images, test.labels[:n], (f"CIFAR-10 test set ({folder}), first {n} images; "
-                                     + RECIPE_INPUT)
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="export_qnn.py", description="Export a trained QNN to QONNX, QCDQ ONNX and integer "
-        "ONNX, and validate each against the PyTorch model.")
-    p.add_argument("--checkpoint", required=True,
-                   help="run directory (config.json + model.pt or checkpoints/), checkpoint "
-                        "directory, or weights file (.pt / .safetensors) with --config")
-    p.add_argument("--output-dir", required=True, help="where the .onnx files and report go")
-    p.add_argument("--config", help="recipe config (YAML/JSON); default: the run's config.json")
-    p.add_argument("--data-dir", help="folder holding cifar-10-batches-py; default: the run's "
-                                      "data_dir")
-    p.add_argument("--inputs", help="a .pt (tensor, or dict with images/labels) or .npy batch to "
-                                    "validate on instead of CIFAR-10")
-    p.add_argument("--num-images", type=int, default=None,
-                   help="validate on the first N images (default: all)")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
-    p.add_argument("--min-agreement", type=float, default=100.0,
-                   help="tolerance: argmax agreement in %% (default 100)")
-    p.add_argument("--max-quanta", type=float, default=1.0,
-                   help="tolerance: largest logit difference in output quanta (default 1)")
-    args = p.parse_args(argv)
-    for name in ("num_images", "batch_size"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0")
-    return args
-
-
-def main(argv=None):
-    from brevitas_ana.export.checkpoint import load_trained
-    args = parse_args(argv)
-    try:
-        check_writable(args.output_dir)
-        model, cfg, weights = load_trained(args.checkpoint, args.config)
-        images, labels, description = _inputs(args, cfg)
-        print(f"exporting {cfg.model} W{cfg.weight_bit_width}A{cfg.act_bit_width} "
-              f"({cfg.quantiser}) from {weights}")
-        report = export_qnn(model, images, args.output_dir, labels=labels, formats=args.formats,
-                            tolerance=Tolerance(args.min_agreement, args.max_quanta),
-                            batch_size=args.batch_size, input_description=description)
-    except ExportError as e:
-        sys.exit(f"error: {e}")
-    print(table(report))
-    print(f"report: {Path(args.output_dir) / 'report.json'}")
-    if not report["passed"]:
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

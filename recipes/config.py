@@ -19,6 +19,7 @@ import yaml
 
 import brevitas_ana
 from brevitas_ana.functional import ANNEALED_GRADS, STRATEGIES
+from brevitas_ana.recipes.models import list_models
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "configs" / "cnv_w2a2.yaml"
@@ -72,7 +73,7 @@ class Config:
 
 
 CHOICES = {
-    "model": ("cnv", "vgg8", "resnet18"), "quantiser": ("ana", "ste"),
+    "model": tuple(list_models()), "quantiser": ("ana", "ste"),
     "strategy": STRATEGIES, "annealed_grad": ANNEALED_GRADS, "preset": brevitas_ana.PRESETS,
     "backward": brevitas_ana.BACKWARD_POLICIES,
     "optimizer": ("adam", "sgd"), "lr_schedule": ("step", "multistep", "cosine", "constant"),

@@ -6,6 +6,8 @@ the model, so exported graphs take the same input.
 """
 from __future__ import annotations
 
+from typing import Callable, Dict, List, Optional
+
 import timm
 import torch
 import brevitas.nn as qnn
@@ -18,7 +20,6 @@ import brevitas_ana
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-MODELS = ("cnv", "vgg8", "resnet18")
 
 
 class Normalize(nn.Module):
@@ -64,7 +65,7 @@ class VGG8(nn.Module):
         return self.features(x)
 
 
-def resnet18_cifar(weight_bit_width=4, act_bit_width=4, num_classes=10, **ana_options):
+def resnet18_cifar(weight_bit_width=4, act_bit_width=4, num_classes=10, config=None):
     """timm resnet18 adapted to 32x32 inputs (3x3 stride-1 stem, no max-pool), converted with
     :func:`brevitas_ana.quantize_timm` (first and last layer 8-bit)."""
     model = timm.create_model("resnet18", pretrained=False, num_classes=num_classes)
@@ -72,22 +73,87 @@ def resnet18_cifar(weight_bit_width=4, act_bit_width=4, num_classes=10, **ana_op
     model.maxpool = nn.Identity()
     model = nn.Sequential(Normalize(), model)
     return brevitas_ana.quantize_timm(model, weight_bit_width=weight_bit_width,
-                                      act_bit_width=act_bit_width, **ana_options)
+                                      act_bit_width=act_bit_width, config=config)
 
 
-def build_model(cfg) -> nn.Module:
-    """The network named by ``cfg.model`` with ANA (``cfg.quantiser == "ana"``) or stock
-    (``"ste"``) quantisers; everything else identical."""
-    ana = dict(noise=cfg.noise, strategy=cfg.strategy, annealed_grad=cfg.annealed_grad)
+# --- the registry (timm's register_model / create_model pattern) ------------------------------
+
+_MODELS: Dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register a network builder under its function name; :func:`create_model` calls it with
+    the keyword arguments of a model spec."""
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> List[str]:
+    return sorted(_MODELS)
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """The registered network ``name`` built with ``kwargs``; what a model spec
+    ``{"name": ..., "kwargs": {...}}`` (written beside every saved set of weights) describes."""
+    if name not in _MODELS:
+        raise ValueError(f"model: unknown model {name!r}; known: {list_models()}")
+    try:
+        return _MODELS[name](**kwargs)
+    except TypeError as e:
+        raise ValueError(f"model {name!r}: {e}") from None
+
+
+def _ana_or_stock(model: nn.Module, quantiser: str, ana: Optional[dict]) -> nn.Module:
+    if quantiser not in ("ana", "ste"):
+        raise ValueError(f"quantiser: must be 'ana' or 'ste', got {quantiser!r}")
+    return (brevitas_ana.to_ana(model, brevitas_ana.AnaConfig(**(ana or {})))
+            if quantiser == "ana" else model)
+
+
+@register_model
+def cnv(weight_bit_width: int = 2, act_bit_width: int = 2, in_bit_width: int = 8,
+        quantiser: str = "ana", ana: Optional[dict] = None) -> nn.Module:
+    """FINN's CNV (Brevitas bnn_pynq topology) for CIFAR-10, ANA (``quantiser="ana"``, with
+    the ANA options ``ana``) or stock Brevitas (``"ste"``) quantisers."""
+    model = CNV(num_classes=10, weight_bit_width=weight_bit_width, act_bit_width=act_bit_width,
+                in_bit_width=in_bit_width, in_ch=3)
+    return _ana_or_stock(model, quantiser, ana)
+
+
+@register_model
+def vgg8(quantiser: str = "ana", ana: Optional[dict] = None) -> nn.Module:
+    """The paper's VGG8 (:class:`VGG8`), ANA or stock quantisers."""
+    return _ana_or_stock(VGG8(), quantiser, ana)
+
+
+@register_model
+def resnet18(weight_bit_width: int = 4, act_bit_width: int = 4, quantiser: str = "ana",
+             ana: Optional[dict] = None) -> nn.Module:
+    """timm's resnet18 for 32x32 inputs (:func:`resnet18_cifar`), ANA or stock quantisers."""
+    model = resnet18_cifar(weight_bit_width, act_bit_width,
+                           config=brevitas_ana.AnaConfig(**(ana or {})))
+    if quantiser not in ("ana", "ste"):
+        raise ValueError(f"quantiser: must be 'ana' or 'ste', got {quantiser!r}")
+    return model if quantiser == "ana" else brevitas_ana.to_stock(model)
+
+
+MODELS = tuple(list_models())
+
+
+def model_spec(cfg) -> dict:
+    """The spec ``{"name", "kwargs"}`` of the network a recipe config describes."""
+    kwargs = {"quantiser": cfg.quantiser,
+              "ana": dict(noise=cfg.noise, strategy=cfg.strategy, annealed_grad=cfg.annealed_grad)}
+    if cfg.model in ("cnv", "resnet18"):
+        kwargs.update(weight_bit_width=cfg.weight_bit_width, act_bit_width=cfg.act_bit_width)
     if cfg.model == "cnv":
-        model = CNV(num_classes=10, weight_bit_width=cfg.weight_bit_width,
-                    act_bit_width=cfg.act_bit_width, in_bit_width=cfg.in_bit_width, in_ch=3)
-    elif cfg.model == "vgg8":
-        model = VGG8()
-    elif cfg.model == "resnet18":
-        model = resnet18_cifar(cfg.weight_bit_width, cfg.act_bit_width,
-                               **{f"ana_{k}": v for k, v in ana.items()})
-        return model if cfg.quantiser == "ana" else brevitas_ana.to_stock(model)
-    else:
-        raise ValueError(f"model: unknown model {cfg.model!r}; known: {MODELS}")
-    return brevitas_ana.to_ana(model, **ana) if cfg.quantiser == "ana" else model
+        kwargs["in_bit_width"] = cfg.in_bit_width
+    return {"name": cfg.model, "kwargs": kwargs}
+
+
+def describe(spec: dict) -> str:
+    """``cnv W2A2 (ana)``: a spec in a few words, for messages."""
+    kw = spec.get("kwargs", {})
+    bits = (f" W{kw['weight_bit_width']}A{kw['act_bit_width']}"
+            if "weight_bit_width" in kw else "")
+    return f"{spec.get('name')}{bits} ({kw.get('quantiser', 'ana')})"

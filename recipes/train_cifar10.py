@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 import brevitas_ana
 from brevitas_ana.recipes.config import ConfigError, parse_args, to_dict
 from brevitas_ana.recipes.data import datasets
-from brevitas_ana.recipes.models import build_model
+from brevitas_ana.recipes.checkpoint import write_spec
+from brevitas_ana.recipes.models import create_model, model_spec
 from brevitas_ana.recipes.plot import plot_metrics
 
 
@@ -89,9 +90,9 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path:
     return path
 
 
-def save_checkpoint(accelerator, run_dir: Path, epoch: int, keep: int):
-    """Write to a temporary folder, then rename: a killed run never leaves a partial checkpoint
-    that looks complete."""
+def save_checkpoint(accelerator, run_dir: Path, epoch: int, keep: int, spec: dict):
+    """Write to a temporary folder (accelerate's state and the model spec), then rename: a
+    killed run never leaves a partial checkpoint that looks complete."""
     final = run_dir / "checkpoints" / f"epoch_{epoch:04d}"
     tmp = run_dir / "checkpoints" / f".tmp_epoch_{epoch:04d}"
     if accelerator.is_main_process:
@@ -100,6 +101,7 @@ def save_checkpoint(accelerator, run_dir: Path, epoch: int, keep: int):
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_spec(tmp, spec)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in checkpoints(run_dir)[:-keep]:
@@ -143,7 +145,7 @@ def rank_agreement(accelerator, model) -> bool:
 def export_and_validate(net, test_set, run_dir: Path, accelerator, max_images: int = 500):
     """QONNX (FINN-ready), QCDQ, integer and integer-only ONNX of the trained network in
     RUN/export, validated against it on the first test images (the full export stage:
-    ``export/export_qnn.py``)."""
+    ``recipes/export_run.py``)."""
     from brevitas_ana.export import ExportError, export_qnn
     from brevitas_ana.export.validate import table
     n = min(max_images, len(test_set))
@@ -198,7 +200,8 @@ def main(argv=None):
                  f"({len(train_set)} images)")
 
     # --- model, ANA controller, optimiser ---------------------------------------------------
-    model = build_model(cfg)
+    spec = model_spec(cfg)  # written beside every set of weights: how to rebuild the network
+    model = create_model(spec["name"], **spec["kwargs"])
     if cfg.optimizer == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
@@ -218,9 +221,11 @@ def main(argv=None):
         total_steps = min(total_steps, cfg.max_steps)
     controller = None
     if cfg.quantiser == "ana":
+        ana = brevitas_ana.AnaConfig(
+            noise=cfg.noise, strategy=cfg.strategy, annealed_grad=cfg.annealed_grad,
+            sigma=cfg.sigma, mu=cfg.mu, backward=cfg.backward, sigma_grad_min=cfg.sigma_grad_min)
         controller = brevitas_ana.AnaController(
-            net, preset=cfg.preset, total_steps=total_steps, sigma=cfg.sigma, mu=cfg.mu,
-            backward=cfg.backward, sigma_grad_min=cfg.sigma_grad_min, anneal_end=cfg.anneal_end,
+            net, preset=cfg.preset, total_steps=total_steps, config=ana, anneal_end=cfg.anneal_end,
             time_unit="epoch", steps_per_epoch=steps_per_epoch,
             example_input=torch.rand(2, 3, 32, 32, device=accelerator.device))
         # one step in 10: counting every step would cost ~10 % of a CPU step (README, Cost)
@@ -338,7 +343,7 @@ def main(argv=None):
                 if new:
                     writer.writeheader()
                 writer.writerow(row)
-        save_checkpoint(accelerator, run_dir, progress.epoch, cfg.keep_checkpoints)
+        save_checkpoint(accelerator, run_dir, progress.epoch, cfg.keep_checkpoints, spec)
         epoch_bar.update()
         accelerator.print(
             f"epoch {progress.epoch}/{cfg.epochs}: train loss {train_loss:.4f} acc "
@@ -365,6 +370,7 @@ def main(argv=None):
                          "brevitas_ana": brevitas_ana.__version__,
                          "accelerate": accelerate.__version__, "timm": timm.__version__,
                          "python": sys.version.split()[0]}}
+        write_spec(run_dir, spec)
         torch.save(net.state_dict(), run_dir / "model.pt.tmp")
         os.replace(run_dir / "model.pt.tmp", run_dir / "model.pt")
         if metrics_path.exists():

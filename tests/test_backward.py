@@ -9,7 +9,7 @@ import brevitas.nn as qnn
 from brevitas.quant import Int8ActPerTensorFloat, SignedBinaryActPerTensorConst
 from scipy import stats
 
-from brevitas_ana import ana_quant, ana_round, set_noise
+from brevitas_ana import ana_quant, ana_round, set_sigma
 from brevitas_ana.noise import get_noise
 
 FAMILIES = ["uniform", "triangular", "normal", "logistic"]
@@ -134,7 +134,7 @@ def act_pair(stock_quant, **kw):
 
 def test_floor_quantiser_at_sigma_zero_forward_is_stock_gradient_is_the_clipped_identity():
     stock, ana = act_pair(Int8ActPerTensorFloat, bit_width=3, return_quant_tensor=True)
-    set_noise(ana, 0.0)
+    set_sigma(ana, 0.0)
     x = torch.randn(64, 16) * 8  # wider than the calibration: many values beyond the range
     outs, grads, scales = [], [], []
     for m in (stock, ana):
@@ -157,7 +157,7 @@ def test_floor_quantiser_at_sigma_zero_forward_is_stock_gradient_is_the_clipped_
 
 def test_floor_binary_at_sigma_zero_keeps_the_sign_tie_and_gets_the_hardtanh_gradient():
     stock, ana = act_pair(SignedBinaryActPerTensorConst)
-    set_noise(ana, 0.0)
+    set_sigma(ana, 0.0)
     x = torch.tensor([-1.7, -0.99, -0.2, 0.0, 0.3, 0.98, 1.4])
     outs, grads = [], []
     for m in (stock, ana):

@@ -7,7 +7,7 @@ import brevitas.nn as qnn
 from torch import nn
 
 import brevitas_ana
-from brevitas_ana import AnaController
+from brevitas_ana import AnaConfig, AnaController
 from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerTensorFloat
 
 from brevitas_ana.quant import AnaInt8ActPerTensorFloat, AnaInt8WeightPerTensorFloat
@@ -107,8 +107,8 @@ def expected_sigma(preset, l, n, t, total, sigma0):
                                     "same_end", "static"])
 def test_preset_formulas(preset, anneal_end):
     total = 40
-    ctl = AnaController(make(), preset=preset, total_steps=total, sigma=0.8,
-                        anneal_end=anneal_end, example_input=torch.randn(2, 8))
+    ctl = AnaController(make(), preset=preset, total_steps=total, anneal_end=anneal_end,
+                        example_input=torch.randn(2, 8), config=AnaConfig(sigma=0.8))
     quantisers = dict(brevitas_ana.ana_quantizers(ctl.model))
     n = len(ctl.groups)
     for t in (0, 3, 10, 17, 20, 27, 28, 29, 39, 40, 45):
@@ -123,8 +123,8 @@ def test_preset_formulas(preset, anneal_end):
 
 @pytest.mark.parametrize("preset", ["progressive", "partition"])
 def test_input_side_sharpens_first(preset):
-    ctl = AnaController(make(), preset=preset, total_steps=100, sigma=1.0,
-                        example_input=torch.randn(2, 8))
+    ctl = AnaController(make(), preset=preset, total_steps=100, example_input=torch.randn(2, 8),
+                        config=AnaConfig(sigma=1.0))
     ctl.step(50)
     s = list(ctl.sigmas().values())
     assert s[0] < s[-1]
@@ -133,8 +133,9 @@ def test_input_side_sharpens_first(preset):
 
 
 def test_mu_follows_its_own_exponent_and_epoch_time():
-    ctl = AnaController(make(), preset="homogeneous", total_steps=40, sigma=0.5, mu=0.5,
-                        anneal_end=1.0, time_unit="epoch", steps_per_epoch=8, example_input=torch.randn(2, 8))
+    ctl = AnaController(make(), preset="homogeneous", total_steps=40, anneal_end=1.0,
+                        time_unit="epoch", steps_per_epoch=8, example_input=torch.randn(2, 8),
+                        config=AnaConfig(sigma=0.5, mu=0.5))
     ctl.step(10)  # 1.25 of 5 epochs
     assert ctl.t == pytest.approx(1.25)
     assert next(iter(ctl.mus().values())) == pytest.approx(0.5 * (3.75 / 5) ** 1)
@@ -142,8 +143,9 @@ def test_mu_follows_its_own_exponent_and_epoch_time():
 
 
 def test_schedule_overrides():
-    ctl = AnaController(make(), total_steps=10, sigma=1.0, example_input=torch.randn(2, 8),
-                        schedules={"head": {"sigma": {"name": "constant"}}})
+    ctl = AnaController(make(), total_steps=10, example_input=torch.randn(2, 8),
+                        schedules={"head": {"sigma": {"name": "constant"}}},
+                        config=AnaConfig(sigma=1.0))
     ctl.step(10)
     assert ctl.sigmas()["head"] == 1.0 and ctl.sigmas()["inp"] == 0.0
     with pytest.raises(ValueError, match="unknown group"):
@@ -157,7 +159,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="total_steps"):
         AnaController(make(), preset="progressive")
     with pytest.raises(ValueError, match="sigma"):
-        AnaController(make(), total_steps=10, sigma=-1)
+        AnaController(make(), total_steps=10, config=AnaConfig(sigma=-1))
     with pytest.raises(ValueError, match="steps_per_epoch"):
         AnaController(make(), total_steps=10, time_unit="epoch")
     with pytest.raises(ValueError, match="no ANA quantiser"):
@@ -166,7 +168,8 @@ def test_bad_arguments():
 
 def test_eval_is_noise_free():
     model = make()
-    ctl = AnaController(model, total_steps=10, sigma=2.0, example_input=torch.randn(2, 8))
+    ctl = AnaController(model, total_steps=10, example_input=torch.randn(2, 8),
+                        config=AnaConfig(sigma=2.0))
     x = torch.randn(5, 8)
     model.train()(x)
     model.eval()
@@ -203,8 +206,8 @@ def test_resume_matches_uninterrupted_run():
         # and end Brevitas' statistics phase, as loading a checkpoint does
         with brevitas_ana.keep_quant_modules():
             model.load_state_dict(model.state_dict())
-        ctl = AnaController(model, preset="progressive", total_steps=20, sigma=0.6,
-                            example_input=x)
+        ctl = AnaController(model, preset="progressive", total_steps=20, example_input=x,
+                            config=AnaConfig(sigma=0.6))
         return model, ctl, torch.optim.Adam(model.parameters(), lr=1e-2)
 
     model, ctl, opt = fresh()
@@ -252,8 +255,9 @@ def test_load_before_first_forward_and_mismatch():
 @pytest.mark.parametrize("backward", ["exact", "floor", "schedule"])
 def test_backward_policies_follow_their_formulas(backward):
     total, floor, sigma0 = 40, 0.3, 0.8
-    ctl = AnaController(make(), preset="progressive", total_steps=total, sigma=sigma0,
-                        backward=backward, sigma_grad_min=floor, example_input=torch.randn(2, 8))
+    ctl = AnaController(make(), preset="progressive", total_steps=total,
+                        example_input=torch.randn(2, 8),
+                        config=AnaConfig(sigma=sigma0, backward=backward, sigma_grad_min=floor))
     quantisers = dict(brevitas_ana.ana_quantizers(ctl.model))
     n = len(ctl.groups)
     for t in (0, 5, 20, 27, 28, 35, 40):
@@ -270,9 +274,10 @@ def test_backward_policies_follow_their_formulas(backward):
 
 
 def test_schedule_policy_takes_a_sigma_grad_schedule_per_group():
-    ctl = AnaController(make(), preset="homogeneous", total_steps=10, sigma=0.5,
-                        backward="schedule", sigma_grad_min=0.4, example_input=torch.randn(2, 8),
-                        schedules={"*": {"sigma_grad": {"name": "constant"}}})
+    ctl = AnaController(make(), preset="homogeneous", total_steps=10,
+                        example_input=torch.randn(2, 8),
+                        schedules={"*": {"sigma_grad": {"name": "constant"}}},
+                        config=AnaConfig(sigma=0.5, backward="schedule", sigma_grad_min=0.4))
     ctl.step(10)
     assert set(ctl.grad_sigmas().values()) == {0.4} and set(ctl.sigmas().values()) == {0.0}
     with pytest.raises(ValueError, match="sigma_grad.*needs backward='schedule'"):
@@ -289,7 +294,10 @@ def test_schedule_policy_takes_a_sigma_grad_schedule_per_group():
     (dict(backward="smooth"), "backward")])
 def test_bad_policy_arguments_name_them(kwargs, match):
     with pytest.raises(ValueError, match=rf"^{match}\b"):
-        AnaController(make(), total_steps=10, **kwargs)
+        if "anneal_end" in kwargs:
+            AnaController(make(), total_steps=10, **kwargs)
+        else:
+            AnaController(make(), total_steps=10, config=AnaConfig(**kwargs))
 
 
 def test_defaults_are_the_familys_starting_noise_and_the_floor_policy():
@@ -307,13 +315,15 @@ def test_defaults_are_the_familys_starting_noise_and_the_floor_policy():
     with pytest.raises(ValueError, match="mixes noise families"):
         AnaController(net("normal", "logistic"), total_steps=10)
     # explicit values need no default
-    AnaController(net("normal", "logistic"), total_steps=10, sigma=0.3, sigma_grad_min=0.3)
+    AnaController(net("normal", "logistic"), total_steps=10, config=AnaConfig(sigma=0.3,
+                                                                              sigma_grad_min=0.3))
 
 
 def test_saved_state_with_another_backward_policy_is_refused():
-    src = AnaController(make(), total_steps=10, backward="floor", example_input=torch.randn(2, 8))
+    src = AnaController(make(), total_steps=10, example_input=torch.randn(2, 8),
+                        config=AnaConfig(backward="floor"))
     src.step(3)
-    other = AnaController(make(), total_steps=10, backward="exact",
-                          example_input=torch.randn(2, 8))
+    other = AnaController(make(), total_steps=10, example_input=torch.randn(2, 8),
+                          config=AnaConfig(backward="exact"))
     with pytest.raises(ValueError, match="backward"):
         other.load_state_dict(src.state_dict())

@@ -12,7 +12,7 @@ from brevitas_examples.bnn_pynq.models.CNV import CNV
 from torch import nn
 
 import brevitas_ana
-from brevitas_ana import AnaController, ana_quantizers, to_ana, to_stock
+from brevitas_ana import AnaConfig, AnaController, ana_quantizers, to_ana, to_stock
 
 
 def cnv(bits):
@@ -44,9 +44,12 @@ def test_to_ana_keeps_everything_and_to_stock_undoes_it(name):
     stock_copy = copy.deepcopy(model).eval()
     params = dict(model.named_parameters())
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    to_ana(model, noise="normal", sigma=0.4)
+    to_ana(model, AnaConfig(noise="normal", backward="exact"))
     leaves = list(ana_quantizers(model))
-    assert len(leaves) >= 3 and all(m.noise == "normal" and m.sigma == 0.4 for _, m in leaves)
+    # the options of the config, noise off until a controller or set_sigma turns it on
+    assert len(leaves) >= 3 and all(m.noise == "normal" and m.sigma == 0.0
+                                    and m.backward == "exact" for _, m in leaves)
+    brevitas_ana.set_sigma(model, 0.4)
     assert all(params[k] is p for k, p in model.named_parameters())  # optimiser stays valid
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
@@ -72,8 +75,8 @@ def test_converted_model_trains(name):
     model.train()(x)
     reference = copy.deepcopy(model).eval()
     to_ana(model)
-    ctl = AnaController(model, preset="progressive", total_steps=300, sigma=0.5,
-                        example_input=x[:2])
+    ctl = AnaController(model, preset="progressive", total_steps=300, example_input=x[:2],
+                        config=AnaConfig(sigma=0.5))
     with torch.no_grad():  # at noise zero (eval) the converted model is the original
         assert torch.equal(model.eval()(x), reference(x))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -95,9 +98,9 @@ def test_to_ana_errors():
     with pytest.raises(ValueError, match="no Brevitas integer or binary"):
         to_ana(nn.Sequential(nn.Linear(3, 3)))
     with pytest.raises(ValueError, match="noise"):
-        to_ana(per_channel_net(), noise="gauss")
+        to_ana(per_channel_net(), config=AnaConfig(noise="gauss"))
     with pytest.raises(ValueError, match="sigma"):
-        to_ana(per_channel_net(), sigma=-2)
+        to_ana(per_channel_net(), config=AnaConfig(sigma=-2))
 
 
 TIMM = ["resnet18", "mobilenetv3_small_100", "efficientnet_b0"]
@@ -113,7 +116,7 @@ def test_quantize_timm(name, tmp_path):
     model = brevitas_ana.quantize_timm(
         timm.create_model(name, pretrained=False, num_classes=10),
         weight_bit_width=4, act_bit_width=4, first_layer_bit_width=8, last_layer_bit_width=8,
-        ana_noise="logistic")
+        config=AnaConfig(noise="logistic"))
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert all(isinstance(m, (qnn.QuantConv2d, qnn.QuantLinear)) for m in layers)
     bits = [int(m.quant_weight().bit_width.item()) for m in layers]
@@ -123,8 +126,8 @@ def test_quantize_timm(name, tmp_path):
     assert len(leaves) >= 2 * (len(layers) - 1) and all(m.noise == "logistic" for _, m in leaves)
 
     x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    ctl = AnaController(model, preset="progressive", total_steps=10, sigma=0.5,
-                        example_input=x[:1])
+    ctl = AnaController(model, preset="progressive", total_steps=10, example_input=x[:1],
+                        config=AnaConfig(sigma=0.5))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     model.train()
     loss = nn.functional.cross_entropy(model(x), y)

@@ -25,7 +25,7 @@ from brevitas_ana.export import ExportError, Tolerance, export_qnn, graphs, int_
 from brevitas_ana.export.graphs import Layer
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "export" / "export_qnn.py"
+SCRIPT = ROOT / "recipes" / "export_run.py"
 
 
 class BinaryWeightPo2(SignedBinaryWeightPerTensorConst):
@@ -101,8 +101,9 @@ def qcdq_hazard(report) -> bool:
 def test_all_formats_match_pytorch(bits, per_channel, quantisers, tmp_path):
     model = tiny_qnn(bits, per_channel)
     if quantisers == "ana":
-        model = brevitas_ana.to_ana(model, noise="uniform")
-        assert brevitas_ana.ana_quantizers(model)
+        model = brevitas_ana.to_ana(model, config=brevitas_ana.AnaConfig(noise="uniform"))
+        # 4 weight quantisers, the input quantiser and 3 activation quantisers
+        assert len(list(brevitas_ana.ana_quantizers(model))) == 8
     images, labels = fixed_batch()
     report = export_qnn(model, images, tmp_path, labels=labels, batch_size=20)
     with torch.no_grad():

@@ -6,7 +6,7 @@ import torch
 import brevitas.nn as qnn
 from torch import nn
 
-from brevitas_ana import AnaController, GradientHealth
+from brevitas_ana import AnaConfig, AnaController, GradientHealth
 from brevitas_ana.quant import (AnaSignedTernaryActPerTensorConst,
                                 AnaSignedTernaryWeightPerTensorConst)
 
@@ -29,8 +29,8 @@ def tiny(seed=0):
 @pytest.mark.parametrize("backward,sigma", [("floor", 0.0), ("exact", 0.05)])
 def test_pass_fraction_and_weight_norm_match_closed_forms(backward, sigma):
     model = tiny()
-    ctl = AnaController(model, preset="static", sigma=sigma, backward=backward,
-                        example_input=torch.randn(2, 4))
+    ctl = AnaController(model, preset="static", example_input=torch.randn(2, 4),
+                        config=AnaConfig(sigma=sigma, backward=backward))
     assert list(ctl.groups) == ["1", "2"]  # the activation, then the ternary layer
     health = GradientHealth(ctl)
     half = math.sqrt(3) * sigma  # uniform noise: half-width of the support
@@ -83,7 +83,8 @@ def test_pass_fraction_and_weight_norm_match_closed_forms(backward, sigma):
 
 def test_reduce_combines_processes():
     model = tiny()
-    ctl = AnaController(model, preset="static", sigma=0.0, example_input=torch.randn(2, 4))
+    ctl = AnaController(model, preset="static", example_input=torch.randn(2, 4),
+                        config=AnaConfig(sigma=0.0))
     health = GradientHealth(ctl)
     model.train()(torch.randn(8, 4)).square().sum().backward()
     health.after_backward()
@@ -99,7 +100,8 @@ def test_reduce_combines_processes():
 
 def test_every_samples_the_controllers_steps():
     model = tiny()
-    ctl = AnaController(model, preset="static", sigma=0.0, example_input=torch.randn(2, 4))
+    ctl = AnaController(model, preset="static", example_input=torch.randn(2, 4),
+                        config=AnaConfig(sigma=0.0))
     health = GradientHealth(ctl, every=2)
     torch.manual_seed(3)
     xs = [torch.randn(16, 4) * 1.5 for _ in range(3)]

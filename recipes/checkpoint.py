@@ -1,0 +1,160 @@
+"""Rebuilding a trained network from what the recipes write: a run directory (``model.pt``, or
+its latest ``checkpoints/epoch_NNNN``), one checkpoint directory, or a weights file.
+
+The network is rebuilt from the model spec written beside the weights (``model_spec.json``:
+``{"name": ..., "kwargs": {...}}``, through :func:`models.create_model`), so no training config
+is needed; runs written before specs existed fall back to the run's ``config.json``. Every
+failure names the file or field at fault."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from brevitas_ana.recipes.models import create_model, describe, model_spec
+
+SPEC_FILE = "model_spec.json"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt")
+
+
+class CheckpointError(ValueError):
+    """A run, checkpoint, spec or weights file that cannot be loaded; the message names it."""
+
+
+def write_spec(folder: Path, spec: dict):
+    """``folder/model_spec.json``, written to a temporary name and renamed."""
+    tmp = Path(folder) / f".{SPEC_FILE}.tmp"
+    tmp.write_text(json.dumps(spec, indent=2))
+    tmp.replace(Path(folder) / SPEC_FILE)
+
+
+def read_spec(path: Path) -> dict:
+    try:
+        spec = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable model spec: {e}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) \
+            or not isinstance(spec.get("kwargs", {}), dict):
+        raise CheckpointError(f"{path}: a model spec is {{\"name\": str, \"kwargs\": {{...}}}}")
+    spec.setdefault("kwargs", {})
+    return spec
+
+
+def spec_from_config(path: Path) -> dict:
+    """The model spec of a recipe config (YAML, or a run's config.json)."""
+    from brevitas_ana.recipes.config import FIELDS, Config, ConfigError, load_yaml, validate
+    if not path.is_file():
+        raise CheckpointError(f"--config: {path} does not exist")
+    try:
+        if path.suffix == ".json":
+            data = json.loads(path.read_text())
+            unknown = sorted(set(data) - set(FIELDS))
+            if unknown:
+                raise ConfigError(f"{path}: unknown config key(s) {unknown}")
+        else:
+            data = load_yaml(path)
+        return model_spec(validate(Config(**data), where=str(path)))
+    except (ConfigError, json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"config {path}: {e}") from None
+
+
+def _weights_in(folder: Path) -> Optional[Path]:
+    return next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
+
+
+def locate(checkpoint) -> Tuple[Path, Optional[Path]]:
+    """(weights file, the run's config.json or None) for a run dir, checkpoint dir or file."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise CheckpointError(f"--checkpoint: {path} does not exist")
+    if path.is_file():
+        cfg = path.parent / "config.json"
+        return path, cfg if cfg.is_file() else None
+    run_cfg = path / "config.json" if (path / "config.json").is_file() else None
+    if (path / "model.pt").is_file():  # a finished run
+        return path / "model.pt", run_cfg
+    if (path / "checkpoints").is_dir() or run_cfg is not None:  # a run directory
+        for ckpt in reversed(sorted((path / "checkpoints").glob("epoch_*"))):
+            weights = _weights_in(ckpt)
+            if weights:
+                return weights, run_cfg
+        raise CheckpointError(f"--checkpoint: {path} was never trained: no model.pt and no "
+                              f"checkpoints/epoch_* with weights (training stopped before its "
+                              f"first epoch ended?)")
+    weights = _weights_in(path)
+    if weights is None:
+        raise CheckpointError(f"--checkpoint: {path} is neither a run directory (config.json) nor "
+                              f"a checkpoint directory ({' / '.join(WEIGHT_FILES)})")
+    cfg = path.parent.parent / "config.json"
+    return weights, cfg if cfg.is_file() else None
+
+
+def read_state_dict(path: Path) -> dict:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or truncated?): "
+                              f"{type(e).__name__}: {e}") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a model state_dict (expected a mapping of tensors)")
+    return state
+
+
+def _trained_spec(weights: Path, run_config: Optional[Path]) -> Tuple[Optional[dict], str]:
+    """(spec, where it came from): beside the weights, in the run directory, else the run's
+    config.json (runs written before specs)."""
+    for folder in (weights.parent, weights.parent.parent.parent):
+        if (folder / SPEC_FILE).is_file():
+            return read_spec(folder / SPEC_FILE), str(folder / SPEC_FILE)
+    if run_config is not None:
+        return spec_from_config(run_config), str(run_config)
+    return None, ""
+
+
+def load_trained(checkpoint, config=None):
+    """(model in eval mode, spec, weights path). ``config`` (a recipe YAML or JSON) is needed
+    only for a weights file with no spec or run config near it; when both exist, the networks
+    they describe must agree."""
+    weights, run_config = locate(checkpoint)
+    spec, where = _trained_spec(weights, run_config)
+    if config is not None:
+        given = spec_from_config(Path(config))
+        if spec is not None:
+            diff = [f"{k}: {given['kwargs'].get(k)!r} in {config}, "
+                    f"{spec['kwargs'].get(k)!r} in {where}"
+                    for k in dict.fromkeys(list(given["kwargs"]) + list(spec["kwargs"]))
+                    if k != "ana" and given["kwargs"].get(k) != spec["kwargs"].get(k)]
+            if given["name"] != spec["name"]:
+                diff.insert(0, f"model: {given['name']!r} in {config}, {spec['name']!r} in "
+                               f"{where}")
+            if diff:
+                raise CheckpointError("--config does not describe the trained network: " +
+                                      "; ".join(diff))
+        spec = given
+    if spec is None:
+        raise CheckpointError(f"--checkpoint: no {SPEC_FILE} or config.json beside {weights}; "
+                              f"pass --config")
+    state = read_state_dict(weights)
+    try:
+        model = create_model(spec["name"], **spec["kwargs"])
+    except ValueError as e:
+        raise CheckpointError(f"{where or config}: {e}") from None
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise CheckpointError(f"{weights}: does not fit a {describe(spec)}: {e}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{weights}: does not fit a {describe(spec)} (architecture mismatch): missing "
+            f"{result.missing_keys[:5]}{' ...' if len(result.missing_keys) > 5 else ''}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+            f"{' ...' if len(result.unexpected_keys) > 5 else ''}")
+    return model.eval(), spec, weights
