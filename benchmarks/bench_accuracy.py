@@ -43,7 +43,7 @@ RECIPE = ROOT / "recipes" / "train_cifar10.py"
 CONFIGS = ROOT / "recipes" / "configs"
 # Keys that only matter with ANA quantisers: a stock-STE run drops them (one STE run per seed).
 ANA_KEYS = ("noise", "strategy", "annealed_grad", "sigma", "mu", "preset", "anneal_end",
-            "backward", "sigma_grad_min")
+            "backward", "sigma_grad_min", "groups", "schedules")
 # Keys that never change what is trained.
 NOT_IN_NAME = ("data_dir", "download", "output_dir", "export", "num_workers", "keep_checkpoints")
 
@@ -112,9 +112,9 @@ def recipe_argv(run, out: Path):
 
 def resolved_config(argv) -> dict:
     """The recipe's own view of a run's config (defaults and config file included)."""
-    from brevitas_ana.recipes.config import ConfigError, parse_args, to_dict
+    from brevitas_ana.recipes.config import ConfigError, flat, parse_args
     try:
-        return to_dict(parse_args(argv))
+        return flat(parse_args(argv))
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -143,8 +143,12 @@ def run_key(config: dict) -> str:
 
 
 def _identity(config: dict) -> dict:
+    from brevitas_ana.recipes.config import flat
+    config = flat(config)  # sections, or the flat keys of runs written before them
     ignored = ("resume",) + (ANA_KEYS if config.get("quantiser") == "ste" else ())
-    return {k: v for k, v in config.items() if k not in ignored}
+    # keys added since (controller groups and schedules) count only when they are set
+    return {k: v for k, v in config.items() if k not in ignored
+            and not (k in ("groups", "schedules") and v is None)}
 
 
 def launch(run, out: Path, threads: int) -> int:
@@ -164,7 +168,8 @@ def launch(run, out: Path, threads: int) -> int:
 def row_of(run, run_dir: Path) -> dict:
     res = json.loads((run_dir / "results.json").read_text())
     metrics = read_csv(run_dir / "metrics.csv")
-    cfg = res["config"]
+    from brevitas_ana.recipes.config import flat
+    cfg = flat(res["config"])
     setting = ("STE (stock Brevitas)" if cfg["quantiser"] == "ste" else
                f"ANA {cfg['preset']}, {cfg['backward']}{floor_of(cfg)}, {cfg['noise']}")
     setting += f" {run['extra']}" if run["extra"] else ""

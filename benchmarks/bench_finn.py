@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def describe(run: Path) -> str:
-    cfg = json.loads((run / "config.json").read_text())
+    from brevitas_ana.recipes.config import flat
+    cfg = flat(json.loads((run / "config.json").read_text()))
     return (f"{cfg['model']} W{cfg['weight_bit_width']}A{cfg['act_bit_width']} "
             f"{cfg['quantiser'].upper()}")
 

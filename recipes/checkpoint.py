@@ -43,19 +43,18 @@ def read_spec(path: Path) -> dict:
 
 
 def spec_from_config(path: Path) -> dict:
-    """The model spec of a recipe config (YAML, or a run's config.json)."""
-    from brevitas_ana.recipes.config import FIELDS, Config, ConfigError, load_yaml, validate
+    """The model spec of a recipe config: a YAML file, or a run's config.json (sections, or the
+    flat keys of runs written before them)."""
+    from brevitas_ana.recipes.config import ConfigError, flat, from_dict, parse_args
     if not path.is_file():
         raise CheckpointError(f"--config: {path} does not exist")
     try:
         if path.suffix == ".json":
             data = json.loads(path.read_text())
-            unknown = sorted(set(data) - set(FIELDS))
-            if unknown:
-                raise ConfigError(f"{path}: unknown config key(s) {unknown}")
+            cfg = from_dict(data, where=str(path)) if "optim" in data else data
         else:
-            data = load_yaml(path)
-        return model_spec(validate(Config(**data), where=str(path)))
+            cfg = parse_args(["--config", str(path)])
+        return model_spec(**flat(cfg))
     except (ConfigError, json.JSONDecodeError, TypeError) as e:
         raise CheckpointError(f"config {path}: {e}") from None
 

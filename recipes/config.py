@@ -1,200 +1,340 @@
-"""Recipe configuration: a YAML file, every field overridable as ``--field-name value``.
+"""Recipe configuration, parsed by jsonargparse: five sections (``model``, ``ana``, ``optim``,
+``data``, ``run``), YAML files that compose, every key overridable on the command line.
 
-Values given on the command line are parsed as YAML scalars/lists (``--lr 1e-3``,
-``--clip-weights null``, ``--lr-milestones [400]``); booleans also take ``--export`` /
-``--no-export``. Unknown or mistyped keys, in the file or on the command line, are errors that
-name the key.
+    python recipes/train_cifar10.py --config recipes/configs/cnv_w1a1.yaml --optim.epochs 3
+    python recipes/train_cifar10.py --config base.yaml --config mine.yaml   # later files win
+    python recipes/train_cifar10.py --help                                  # every key, typed
+
+The defaults below are the ``cnv_w2a2`` recipe; a config file states only what differs (the
+CNV W1A1 file is three lines). Each key also has its short flat flag, as before the sections
+(``--epochs 3`` is ``--optim.epochs 3``, ``--model vgg8`` is ``--model.name vgg8``,
+``--no-export`` is ``--run.export false``). The controller's ``groups`` and per-group
+``schedules`` (:class:`brevitas_ana.AnaController`) go in the ``ana`` section. Unknown keys,
+wrong types and out-of-range values are errors naming the key.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import typing
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Literal, Optional
 
 import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 
 import brevitas_ana
-from brevitas_ana.functional import ANNEALED_GRADS, STRATEGIES
 from brevitas_ana.recipes.models import list_models
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_CONFIG = HERE / "configs" / "cnv_w2a2.yaml"
-
-
-@dataclass
-class Config:
-    # network and quantisers
-    model: str = "cnv"                  # cnv | vgg8 | resnet18
-    weight_bit_width: int = 2
-    act_bit_width: int = 2
-    in_bit_width: int = 8
-    quantiser: str = "ana"              # ana | ste (stock Brevitas, the baseline)
-    # ANA noise and its annealing
-    noise: str = "uniform"
-    strategy: str = "expectation"
-    annealed_grad: str = "ste"
-    sigma: Optional[float] = None       # starting noise std (steps); null: the family's default
-    mu: float = 0.0                     # 0.5: the reference's dynamic mean ("anneal to H+")
-    preset: str = "progressive"
-    anneal_end: float = 0.7             # every window ends at this fraction of the run
-    backward: str = "floor"             # exact | floor | schedule (backward smoothing policy)
-    sigma_grad_min: Optional[float] = None  # backward floor (steps); null: the family's default
-    # optimisation
-    epochs: int = 500
-    batch_size: int = 100
-    optimizer: str = "adam"             # adam | sgd
-    lr: float = 0.02
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    lr_schedule: str = "step"           # step | multistep | cosine | constant
-    lr_step_epochs: int = 40
-    lr_milestones: List[int] = field(default_factory=list)
-    lr_gamma: float = 0.5
-    loss: str = "cross_entropy"         # cross_entropy | sqr_hinge
-    clip_weights: Optional[float] = 1.0  # clamp weights to [-c, c] after each step (bnn_pynq)
-    # data
-    data_dir: str = "./data"
-    download: bool = True
-    val_split: int = 0
-    subset: Optional[int] = None
-    max_steps: Optional[int] = None
-    num_workers: int = 2
-    seed: int = 0
-    # run
-    output_dir: str = "runs/cnv_w2a2"
-    mixed_precision: str = "no"         # no | bf16 | fp16
-    resume: Optional[str] = None        # checkpoint dir, run dir, or "latest"
-    export: bool = True
-    keep_checkpoints: int = 2
-
-
-CHOICES = {
-    "model": tuple(list_models()), "quantiser": ("ana", "ste"),
-    "strategy": STRATEGIES, "annealed_grad": ANNEALED_GRADS, "preset": brevitas_ana.PRESETS,
-    "backward": brevitas_ana.BACKWARD_POLICIES,
-    "optimizer": ("adam", "sgd"), "lr_schedule": ("step", "multistep", "cosine", "constant"),
-    "loss": ("cross_entropy", "sqr_hinge"), "mixed_precision": ("no", "bf16", "fp16"),
-}
-POSITIVE = ("weight_bit_width", "act_bit_width", "in_bit_width", "epochs", "batch_size",
-            "lr_step_epochs", "subset", "max_steps", "keep_checkpoints")
-NON_NEGATIVE = ("sigma", "sigma_grad_min", "lr", "weight_decay", "momentum", "lr_gamma", "clip_weights",
-                "val_split", "num_workers")
-FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+CONFIGS = HERE / "configs"
 
 
 class ConfigError(ValueError):
     pass
 
 
-def _check_type(name, value, where):
-    hint = typing.get_type_hints(Config)[name]
-    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
-    base = [a for a in typing.get_args(hint) if a is not type(None)][0] if optional else hint
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{where}: {name} must not be null")
-    if typing.get_origin(base) in (list, List):
-        if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
-            raise ConfigError(f"{where}: {name} must be a list of integers, got {value!r}")
-        return value
-    if base is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
-        try:
-            value = float(value)
-        except ValueError:
-            raise ConfigError(f"{where}: {name} must be a number, got {value!r}") from None
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if base is bool and not isinstance(value, bool):
-        raise ConfigError(f"{where}: {name} must be true or false, got {value!r}")
-    if base is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{where}: {name} must be an integer, got {value!r}")
-    if not isinstance(value, base):
-        raise ConfigError(f"{where}: {name} must be a {base.__name__}, got {value!r}")
-    return value
+@dataclass
+class ModelSection:
+    """The network and its quantisers.
+
+    Args:
+        name: a registered recipe network (recipes/models.py: cnv, vgg8, resnet18)
+        weight_bit_width: weight bits (cnv, resnet18)
+        act_bit_width: activation bits (cnv, resnet18)
+        in_bit_width: input quantiser bits (cnv)
+        quantiser: ana, or ste for the same network with stock Brevitas quantisers (the baseline)
+    """
+    name: str = "cnv"
+    weight_bit_width: PositiveInt = 2
+    act_bit_width: PositiveInt = 2
+    in_bit_width: PositiveInt = 8
+    quantiser: Literal["ana", "ste"] = "ana"
 
 
-def validate(cfg: Config, where: str = "config") -> Config:
-    for name in FIELDS:
-        setattr(cfg, name, _check_type(name, getattr(cfg, name), where))
-    for name, choices in CHOICES.items():
-        if getattr(cfg, name) not in choices:
-            raise ConfigError(f"{where}: {name} must be one of {list(choices)}, got "
-                              f"{getattr(cfg, name)!r}")
-    if cfg.noise not in brevitas_ana.noise.noise_families():
-        raise ConfigError(f"{where}: noise must be one of "
-                          f"{list(brevitas_ana.noise.noise_families())}, got {cfg.noise!r}")
-    for name in POSITIVE:
-        v = getattr(cfg, name)
-        if v is not None and v <= 0:
-            raise ConfigError(f"{where}: {name} must be > 0, got {v!r}")
-    for name in NON_NEGATIVE:
-        v = getattr(cfg, name)
-        if v is not None and not v >= 0:  # "not >=" also catches nan
-            raise ConfigError(f"{where}: {name} must be >= 0, got {v!r}")
-    for name in ("sigma", "sigma_grad_min", "mu", "anneal_end", "lr"):
-        v = getattr(cfg, name)
+@dataclass
+class AnaSection:
+    """ANA noise and its annealing (brevitas_ana.AnaConfig and AnaController).
+
+    Args:
+        noise: noise family (uniform, triangular, normal, logistic, or a registered one)
+        strategy: training forward: expectation, mode or random
+        annealed_grad: gradient once the noise is 0: ste or zero
+        sigma: starting noise std in steps; null: the family's default
+        mu: noise mean in steps (0.5: the reference's dynamic mean)
+        preset: annealing preset (homogeneous, progressive, partition, same_start, same_end,
+            static)
+        anneal_end: every window ends at this fraction of the run, in (0, 1]
+        backward: backward policy: exact, floor or schedule
+        sigma_grad_min: backward floor in steps; null: the family's default
+        groups: {group: [name patterns]} instead of one group per layer
+        schedules: {group or "*": {"sigma" / "mu" / "sigma_grad": schedule dict}}
+    """
+    noise: str = "uniform"
+    strategy: Literal["expectation", "mode", "random"] = "expectation"
+    annealed_grad: Literal["ste", "zero"] = "ste"
+    sigma: Optional[NonNegativeFloat] = None
+    mu: float = 0.0
+    preset: Literal["homogeneous", "progressive", "partition", "same_start", "same_end",
+                    "static"] = "homogeneous"
+    anneal_end: float = 0.7
+    backward: Literal["exact", "floor", "schedule"] = "floor"
+    sigma_grad_min: Optional[NonNegativeFloat] = 0.5774
+    groups: Optional[Dict[str, List[str]]] = None
+    schedules: Optional[Dict[str, Dict[str, dict]]] = None
+
+    def options(self) -> brevitas_ana.AnaConfig:
+        return brevitas_ana.AnaConfig(
+            noise=self.noise, strategy=self.strategy, annealed_grad=self.annealed_grad,
+            sigma=self.sigma, mu=self.mu, backward=self.backward,
+            sigma_grad_min=self.sigma_grad_min)
+
+
+@dataclass
+class OptimSection:
+    """Optimisation (defaults: bnn_pynq's CNV recipe).
+
+    Args:
+        epochs: training epochs
+        batch_size: images per optimiser step (per process)
+        optimizer: adam or sgd
+        lr: learning rate
+        momentum: SGD momentum
+        weight_decay: weight decay
+        lr_schedule: step, multistep, cosine or constant (per epoch)
+        lr_step_epochs: step schedule: epochs between drops
+        lr_milestones: multistep schedule: epochs of the drops
+        lr_gamma: factor of each drop
+        loss: cross_entropy or sqr_hinge
+        clip_weights: clamp Conv/Linear weights to [-c, c] after each step; null: no clamp
+        max_steps: stop after this many optimiser steps; null: all epochs
+    """
+    epochs: PositiveInt = 500
+    batch_size: PositiveInt = 100
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: NonNegativeFloat = 0.02
+    momentum: NonNegativeFloat = 0.9
+    weight_decay: NonNegativeFloat = 0.0
+    lr_schedule: Literal["step", "multistep", "cosine", "constant"] = "step"
+    lr_step_epochs: PositiveInt = 40
+    lr_milestones: List[int] = field(default_factory=list)
+    lr_gamma: NonNegativeFloat = 0.5
+    loss: Literal["cross_entropy", "sqr_hinge"] = "sqr_hinge"
+    clip_weights: Optional[NonNegativeFloat] = 1.0
+    max_steps: Optional[PositiveInt] = None
+
+
+@dataclass
+class DataSection:
+    """CIFAR-10.
+
+    Args:
+        data_dir: folder holding (or to receive) cifar-10-batches-py
+        download: download CIFAR-10 when it is missing
+        val_split: training images held out for evaluation each epoch (0: the test set)
+        subset: train on the first N training images
+        num_workers: data-loader worker processes
+    """
+    data_dir: str = "./data"
+    download: bool = True
+    val_split: NonNegativeInt = 0
+    subset: Optional[PositiveInt] = None
+    num_workers: NonNegativeInt = 2
+
+
+@dataclass
+class RunSection:
+    """Where and how the run goes.
+
+    Args:
+        output_dir: the run directory
+        seed: seed of everything random
+        mixed_precision: no, bf16 or fp16
+        resume: latest, a checkpoint directory or a run directory
+        export: export and validate the trained network at the end
+        keep_checkpoints: checkpoints kept (the newest)
+    """
+    output_dir: str = "runs/cnv_w2a2"
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    resume: Optional[str] = None
+    export: bool = True
+    keep_checkpoints: PositiveInt = 2
+
+
+@dataclass
+class RecipeConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    ana: AnaSection = field(default_factory=AnaSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    data: DataSection = field(default_factory=DataSection)
+    run: RunSection = field(default_factory=RunSection)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(RecipeConfig)}
+_CLASSES = {"model": ModelSection, "ana": AnaSection, "optim": OptimSection,
+            "data": DataSection, "run": RunSection}
+# the flat flag of every key: --epochs is --optim.epochs, --model is --model.name
+FLAT = {("model" if (s, f.name) == ("model", "name") else f.name): f"{s}.{f.name}"
+        for s, cls in _CLASSES.items() for f in dataclasses.fields(cls)}
+BOOLEANS = {k for s, cls in _CLASSES.items() for f in dataclasses.fields(cls)
+            for k in [("model" if f.name == "name" else f.name)] if f.type in (bool, "bool")}
+
+
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="train_cifar10.py", exit_on_error=False, env_prefix=False,
+                       description="Train a QNN on CIFAR-10 with ANA (or stock STE) quantisers.",
+                       epilog="Every key also has its flat flag: --epochs 3, --data-dir D, "
+                              "--model vgg8, --no-export, ...")
+    p.add_argument("--config", action=ActionConfigFile,
+                   help="YAML config file(s), later ones override earlier ones "
+                        "(recipes/configs/*.yaml)")
+    for name, cls in _CLASSES.items():
+        p.add_class_arguments(cls, name, help=cls.__doc__.split("\n")[0])
+    return p
+
+
+def _translate(argv: List[str]) -> List[str]:
+    """Flat flags (--epochs, --data-dir, --no-export, --model) to their section keys."""
+    out = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if flag.startswith("--") and "." not in flag and flag != "--config":
+            name = flag[2:].replace("-", "_")
+            negated = name.startswith("no_") and name[3:] in BOOLEANS
+            if negated:
+                out += [f"--{FLAT[name[3:]]}", "false"]
+                continue
+            if name in BOOLEANS and not eq:
+                out += [f"--{FLAT[name]}", "true"]
+                continue
+            if name in FLAT:
+                out.append(f"--{FLAT[name]}" + (f"={value}" if eq else ""))
+                continue
+        out.append(arg)
+    return out
+
+
+def validate(cfg: RecipeConfig) -> RecipeConfig:
+    """What the types cannot say: the model registry, the noise registry and the ANA options
+    (through brevitas_ana.AnaConfig), finite numbers, anneal_end in (0, 1]."""
+    if cfg.model.name not in list_models():
+        raise ConfigError(f"model.name: must be one of {list_models()}, got {cfg.model.name!r}")
+    for key in ("ana.sigma", "ana.mu", "ana.sigma_grad_min", "ana.anneal_end", "optim.lr"):
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
         if v is not None and not math.isfinite(v):
-            raise ConfigError(f"{where}: {name} must be finite, got {v!r}")
-    if not 0.0 < cfg.anneal_end <= 1.0:
-        raise ConfigError(f"{where}: anneal_end must be in (0, 1] (a fraction of the run), got "
-                          f"{cfg.anneal_end!r}")
+            raise ConfigError(f"{key}: must be finite, got {v!r}")
+    if not 0.0 < cfg.ana.anneal_end <= 1.0:
+        raise ConfigError(f"ana.anneal_end: must be in (0, 1] (a fraction of the run), got "
+                          f"{cfg.ana.anneal_end!r}")
+    try:
+        cfg.ana.options()
+    except ValueError as e:
+        raise ConfigError(f"ana.{e}") from None
     return cfg
 
 
-def load_yaml(path) -> dict:
+def from_dict(data: dict, where: str = "config") -> RecipeConfig:
+    """A RecipeConfig from its nested dict (a run's config.json), checked like the command line."""
+    p = parser()
+    try:
+        ns = p.parse_object(data)
+        cfg = p.instantiate(ns)
+    except Exception as e:  # jsonargparse's ArgumentError / TypeError
+        raise ConfigError(f"{where}: {str(e).strip()}") from None
+    return validate(_recipe(cfg))
+
+
+def _recipe(ns) -> RecipeConfig:
+    return RecipeConfig(**{name: getattr(ns, name) for name in _CLASSES})
+
+
+_TYPE_WORDS = {"PositiveInt": "an integer > 0", "NonNegativeInt": "an integer >= 0",
+               "NonNegativeFloat": "a number >= 0", "int": "an integer", "float": "a number",
+               "bool": "true or false", "str": "a string"}
+
+
+def _message(e: Exception) -> str:
+    """jsonargparse's error as ``key: must be ..., got value``."""
+    text = " ".join(str(e).split())
+    m = re.match(r'Parser key "([^"]+)": (.*)', text)
+    if not m:
+        return text
+    key, detail = m.groups()
+    got = re.search(r"(?:Got value|Given value): (\S+)(?!.*Given value)", detail)
+    got = f", got {got.group(1)}" if got else ""
+    literal = re.search(r"Literal\[([^\]]*)\]", detail)
+    if literal:
+        return f"{key}: must be one of [{literal.group(1)}]{got}"
+    for name, words in _TYPE_WORDS.items():
+        if f"type {name}" in detail or f"<class '{name}'>" in detail:
+            optional = "NoneType" in detail
+            value = (re.search(r"Not of type \w+: (\S+) does not conform", detail)
+                     or re.search(r"(?:literal for \S+ with base 10|convert string to float): "
+                                  r"'?([^' ]+)", detail))
+            got = got or (f", got {value.group(1)}" if value else "")
+            return f"{key}: must be {words}{' or null' if optional else ''}{got}"
+    return f"{key}: {detail}"
+
+
+def _check_file(path: str):
+    """A config file exists, is a mapping of sections and keys, and parses on its own; errors
+    name the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config: {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(FIELDS))
+        raise ConfigError(f"{path}: expected a mapping of sections {list(_CLASSES)}")
+    unknown = [k for k in data if k not in _CLASSES or not isinstance(data[k], dict)]
     if unknown:
-        raise ConfigError(f"{path}: unknown config key(s) {unknown}")
-    return data
-
-
-def _yaml_value(text):
+        hints = [("model: {name: ...}" if k == "model" else f"{k} under {FLAT[k].split('.')[0]}:")
+                 for k in unknown if k in FLAT]
+        raise ConfigError(f"{path}: unknown section(s) {unknown}; the sections are "
+                          f"{list(_CLASSES)}" + (f" (put {', '.join(hints)})" if hints else ""))
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+        cfg = parser().parse_args(["--config", str(path)])
+        validate(_recipe(parser().instantiate(cfg)))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except Exception as e:  # jsonargparse's ArgumentError and type errors
+        raise ConfigError(f"{path}: {_message(e)}") from None
 
 
-def parse_args(argv=None) -> Config:
-    """``--config FILE`` (default: cnv_w2a2) then ``--field-name value`` overrides."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=str(DEFAULT_CONFIG))
-    known, _ = pre.parse_known_args(argv)
-    values = load_yaml(known.config)
-
-    parser = argparse.ArgumentParser(
-        prog="train_cifar10.py", allow_abbrev=False,
-        description="Train a QNN on CIFAR-10 with ANA (or stock STE) quantisers.",
-        epilog="Every config key can be overridden, e.g. --epochs 1 --lr 1e-3 --no-export.")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config file")
-    for name, f in FIELDS.items():
-        flag = "--" + name.replace("_", "-")
-        if typing.get_type_hints(Config)[name] is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS)
-        else:  # SUPPRESS: absent unless given, so that "--clip-weights null" can set None
-            parser.add_argument(flag, dest=name, type=_yaml_value, default=argparse.SUPPRESS,
-                                metavar=name.upper())
-    args = parser.parse_args(argv)
-    merged = dict(values)
-    merged.update({k: v for k, v in vars(args).items() if k in FIELDS})
-    cfg = Config(**merged)
-    return validate(cfg, where=known.config)
+def parse_args(argv=None) -> RecipeConfig:
+    """``--config FILE ...`` then key overrides; ConfigError naming the file and key."""
+    argv = _translate([str(a) for a in (sys.argv[1:] if argv is None else argv)])
+    if "-h" in argv or "--help" in argv:
+        parser().parse_args(["--help"])
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            _check_file(argv[i + 1])
+        elif arg.startswith("--config="):
+            _check_file(arg.partition("=")[2])
+    p = parser()
+    try:
+        cfg = p.instantiate(p.parse_args(argv))
+    except Exception as e:  # jsonargparse's ArgumentError and type errors
+        raise ConfigError(_message(e)) from None
+    return validate(_recipe(cfg))
 
 
-def to_dict(cfg: Config) -> dict:
+def to_dict(cfg: RecipeConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def flat(config) -> dict:
+    """{flat key: value} of a RecipeConfig or its dict (a run's config.json); flat dicts of
+    runs written before the sections pass through."""
+    data = to_dict(config) if isinstance(config, RecipeConfig) else dict(config)
+    if not all(isinstance(data.get(s), dict) for s in _CLASSES):
+        return data
+    return {k: data[s][("name" if k == "model" else k)] for k, s in
+            ((k, v.split(".")[0]) for k, v in FLAT.items())}

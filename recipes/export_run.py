@@ -34,7 +34,8 @@ def run_data_dir(weights: Path):
     for folder in (weights.parent, weights.parent.parent.parent):
         if (folder / "config.json").is_file():
             try:
-                return json.loads((folder / "config.json").read_text()).get("data_dir")
+                config = json.loads((folder / "config.json").read_text())
+                return config.get("data", config).get("data_dir")  # sections, or flat
             except (OSError, json.JSONDecodeError):
                 return None
     return None

@@ -140,15 +140,20 @@ def resnet18(weight_bit_width: int = 4, act_bit_width: int = 4, quantiser: str =
 MODELS = tuple(list_models())
 
 
-def model_spec(cfg) -> dict:
-    """The spec ``{"name", "kwargs"}`` of the network a recipe config describes."""
-    kwargs = {"quantiser": cfg.quantiser,
-              "ana": dict(noise=cfg.noise, strategy=cfg.strategy, annealed_grad=cfg.annealed_grad)}
-    if cfg.model in ("cnv", "resnet18"):
-        kwargs.update(weight_bit_width=cfg.weight_bit_width, act_bit_width=cfg.act_bit_width)
-    if cfg.model == "cnv":
-        kwargs["in_bit_width"] = cfg.in_bit_width
-    return {"name": cfg.model, "kwargs": kwargs}
+def model_spec(model: str, weight_bit_width: int = 2, act_bit_width: int = 2,
+               in_bit_width: int = 8, quantiser: str = "ana", noise: str = "uniform",
+               strategy: str = "expectation", annealed_grad: str = "ste", **_) -> dict:
+    """The spec ``{"name", "kwargs"}`` of a recipe network, from the recipe's flat keys
+    (:func:`brevitas_ana.recipes.config.flat`; keys other than the model's and ANA's are
+    ignored)."""
+    name = model
+    kwargs = {"quantiser": quantiser,
+              "ana": dict(noise=noise, strategy=strategy, annealed_grad=annealed_grad)}
+    if name in ("cnv", "resnet18"):
+        kwargs.update(weight_bit_width=weight_bit_width, act_bit_width=act_bit_width)
+    if name == "cnv":
+        kwargs["in_bit_width"] = in_bit_width
+    return {"name": name, "kwargs": kwargs}
 
 
 def describe(spec: dict) -> str:

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import brevitas_ana
-from brevitas_ana.recipes.config import ConfigError, parse_args, to_dict
+from brevitas_ana.recipes.config import ConfigError, flat, parse_args, to_dict
 from brevitas_ana.recipes.data import datasets
 from brevitas_ana.recipes.checkpoint import write_spec
 from brevitas_ana.recipes.models import create_model, model_spec
@@ -60,13 +60,13 @@ def sqr_hinge_loss(logits, labels):
     return torch.clamp(1 - logits * target, min=0).pow(2).mean()
 
 
-def make_scheduler(cfg, optimizer):
-    if cfg.lr_schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step_epochs, cfg.lr_gamma)
-    if cfg.lr_schedule == "multistep":
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.lr_milestones, cfg.lr_gamma)
-    if cfg.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs)
+def make_scheduler(optim, optimizer):
+    if optim.lr_schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, optim.lr_step_epochs, optim.lr_gamma)
+    if optim.lr_schedule == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, optim.lr_milestones, optim.lr_gamma)
+    if optim.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, optim.epochs)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
 
@@ -166,7 +166,7 @@ def main(argv=None):
         cfg = parse_args(argv)
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    run_dir = Path(cfg.output_dir)
+    run_dir = Path(cfg.run.output_dir)
 
     # --- accelerate -----------------------------------------------------------------------
     try:
@@ -175,9 +175,9 @@ def main(argv=None):
     except ImportError:
         log_with = None
     accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=str(run_dir),
+        mixed_precision=cfg.run.mixed_precision, log_with=log_with, project_dir=str(run_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    set_seed(cfg.seed)
+    set_seed(cfg.run.seed)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", to_dict(cfg))
@@ -186,29 +186,32 @@ def main(argv=None):
     # --- data -------------------------------------------------------------------------------
     with accelerator.main_process_first():
         try:
-            train_set, eval_set, test_set = datasets(cfg.data_dir, cfg.download, cfg.val_split,
-                                                     cfg.subset, cfg.seed)
+            train_set, eval_set, test_set = datasets(cfg.data.data_dir, cfg.data.download,
+                                                     cfg.data.val_split, cfg.data.subset,
+                                                     cfg.run.seed)
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
-    loader = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                  persistent_workers=cfg.num_workers > 0)
+    loader = dict(batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers,
+                  persistent_workers=cfg.data.num_workers > 0)
     train_dl = DataLoader(train_set, shuffle=True, drop_last=True, **loader)
     eval_dl = DataLoader(eval_set, shuffle=False, **loader)
     test_dl = DataLoader(test_set, shuffle=False, **loader)
     if len(train_dl) == 0:
-        sys.exit(f"error: batch_size {cfg.batch_size} is larger than the training set "
+        sys.exit(f"error: batch_size {cfg.optim.batch_size} is larger than the training set "
                  f"({len(train_set)} images)")
 
     # --- model, ANA controller, optimiser ---------------------------------------------------
-    spec = model_spec(cfg)  # written beside every set of weights: how to rebuild the network
+    # written beside every set of weights: how to rebuild the network without this config
+    spec = model_spec(**flat(cfg))
     model = create_model(spec["name"], **spec["kwargs"])
-    if cfg.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optim.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr,
+                                     weight_decay=cfg.optim.weight_decay)
     else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay)
-    scheduler = make_scheduler(cfg, optimizer)
-    criterion = sqr_hinge_loss if cfg.loss == "sqr_hinge" else nn.functional.cross_entropy
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                    weight_decay=cfg.optim.weight_decay)
+    scheduler = make_scheduler(cfg.optim, optimizer)
+    criterion = sqr_hinge_loss if cfg.optim.loss == "sqr_hinge" else nn.functional.cross_entropy
     # The lr scheduler is epoch-based and stepped here once per epoch: a prepared one would be
     # stepped once per process.
     model, optimizer, train_dl, eval_dl, test_dl = accelerator.prepare(
@@ -216,18 +219,19 @@ def main(argv=None):
     net = accelerator.unwrap_model(model)
     # after prepare, len(train_dl) is this process's share: the steps every process takes
     steps_per_epoch = len(train_dl)
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    total_steps = cfg.optim.epochs * steps_per_epoch
+    if cfg.optim.max_steps:
+        total_steps = min(total_steps, cfg.optim.max_steps)
     controller = None
-    if cfg.quantiser == "ana":
-        ana = brevitas_ana.AnaConfig(
-            noise=cfg.noise, strategy=cfg.strategy, annealed_grad=cfg.annealed_grad,
-            sigma=cfg.sigma, mu=cfg.mu, backward=cfg.backward, sigma_grad_min=cfg.sigma_grad_min)
-        controller = brevitas_ana.AnaController(
-            net, preset=cfg.preset, total_steps=total_steps, config=ana, anneal_end=cfg.anneal_end,
-            time_unit="epoch", steps_per_epoch=steps_per_epoch,
-            example_input=torch.rand(2, 3, 32, 32, device=accelerator.device))
+    if cfg.model.quantiser == "ana":
+        try:
+            controller = brevitas_ana.AnaController(
+                net, preset=cfg.ana.preset, total_steps=total_steps, config=cfg.ana.options(),
+                anneal_end=cfg.ana.anneal_end, groups=cfg.ana.groups,
+                schedules=cfg.ana.schedules, time_unit="epoch", steps_per_epoch=steps_per_epoch,
+                example_input=torch.rand(2, 3, 32, 32, device=accelerator.device))
+        except ValueError as e:  # groups / schedules from the config that do not fit the model
+            sys.exit(f"error: ana: {e}")
         # one step in 10: counting every step would cost ~10 % of a CPU step (README, Cost)
         health = brevitas_ana.GradientHealth(controller, every=10)
     progress = Progress()
@@ -236,16 +240,17 @@ def main(argv=None):
         accelerator.register_for_checkpointing(controller)
 
     # --- resume -----------------------------------------------------------------------------
-    if cfg.resume:
+    if cfg.run.resume:
         try:
-            ckpt = find_checkpoint(cfg.resume, run_dir)
+            ckpt = find_checkpoint(cfg.run.resume, run_dir)
             with brevitas_ana.keep_quant_modules():  # the optimiser holds the scale parameters
                 accelerator.load_state(str(ckpt))
         except FileNotFoundError as e:
             sys.exit(f"error: {e}")
         except Exception as e:
-            sys.exit(f"error: resume: cannot load {cfg.resume!r} into a {cfg.model} "
-                     f"(W{cfg.weight_bit_width}A{cfg.act_bit_width}, {cfg.quantiser}) run: "
+            sys.exit(f"error: resume: cannot load {cfg.run.resume!r} into a {cfg.model.name} "
+                     f"(W{cfg.model.weight_bit_width}A{cfg.model.act_bit_width}, "
+                     f"{cfg.model.quantiser}) run: "
                      f"{type(e).__name__}: {e}")
         accelerator.print(f"resumed from {ckpt} at epoch {progress.epoch}, step {progress.step}")
     metrics_path = run_dir / "metrics.csv"
@@ -259,23 +264,24 @@ def main(argv=None):
                 writer.writerows(rows)
         else:
             metrics_path.unlink()
-    accelerator.init_trackers("tensorboard", config={k: v for k, v in to_dict(cfg).items()
-                                             if isinstance(v, (int, float, str, bool))})
+    accelerator.init_trackers("tensorboard", config={k: v for k, v in flat(cfg).items()
+                                                     if isinstance(v, (int, float, str, bool))})
 
     # --- train ------------------------------------------------------------------------------
     main_proc = accelerator.is_local_main_process
     t_start = time.time()
     train_images, train_seconds, agree = 0, 0.0, True
-    epoch_bar = tqdm(total=cfg.epochs, initial=progress.epoch, desc="epochs", position=0,
+    epoch_bar = tqdm(total=cfg.optim.epochs, initial=progress.epoch, desc="epochs", position=0,
                      disable=not main_proc)
-    while progress.epoch < cfg.epochs and not (cfg.max_steps and progress.step >= cfg.max_steps):
+    max_steps = cfg.optim.max_steps
+    while progress.epoch < cfg.optim.epochs and not (max_steps and progress.step >= max_steps):
         model.train()
         if hasattr(train_dl, "set_epoch"):
             train_dl.set_epoch(progress.epoch)
         loss_sum = torch.zeros((), device=accelerator.device)
         correct = torch.zeros((), device=accelerator.device)
         seen, t0 = 0, time.time()
-        bar = tqdm(total=len(train_dl), desc=f"epoch {progress.epoch + 1}/{cfg.epochs}",
+        bar = tqdm(total=len(train_dl), desc=f"epoch {progress.epoch + 1}/{cfg.optim.epochs}",
                    position=1, leave=False, disable=not main_proc)
         for images, labels in train_dl:
             logits = model(images)
@@ -285,11 +291,11 @@ def main(argv=None):
                 health.after_backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if cfg.clip_weights is not None:
+            if cfg.optim.clip_weights is not None:
                 with torch.no_grad():
                     for m in net.modules():
                         if isinstance(m, (nn.Conv2d, nn.Linear)):
-                            m.weight.clamp_(-cfg.clip_weights, cfg.clip_weights)
+                            m.weight.clamp_(-cfg.optim.clip_weights, cfg.optim.clip_weights)
             if controller is not None:
                 controller.step()
             progress.step += 1
@@ -307,7 +313,7 @@ def main(argv=None):
                     postfix["sigma"] = f"{min(s):.3g}..{max(s):.3g}"
                 bar.set_postfix(postfix, refresh=False)
             bar.update()
-            if cfg.max_steps and progress.step >= cfg.max_steps:
+            if cfg.optim.max_steps and progress.step >= cfg.optim.max_steps:
                 break
         bar.close()
         seconds = time.time() - t0
@@ -343,10 +349,10 @@ def main(argv=None):
                 if new:
                     writer.writeheader()
                 writer.writerow(row)
-        save_checkpoint(accelerator, run_dir, progress.epoch, cfg.keep_checkpoints, spec)
+        save_checkpoint(accelerator, run_dir, progress.epoch, cfg.run.keep_checkpoints, spec)
         epoch_bar.update()
         accelerator.print(
-            f"epoch {progress.epoch}/{cfg.epochs}: train loss {train_loss:.4f} acc "
+            f"epoch {progress.epoch}/{cfg.optim.epochs}: train loss {train_loss:.4f} acc "
             f"{train_acc:.2f}% | eval (noise-free) loss {eval_loss:.4f} acc {eval_acc:.2f}% | "
             f"{images_per_s:.0f} img/s" + ("" if agree else " | RANKS DISAGREE"))
     epoch_bar.close()
@@ -365,7 +371,7 @@ def main(argv=None):
             "world_size": accelerator.num_processes, "ranks_agree": agree,
             "wall_time_s": time.time() - t_start,
             "train_images_per_s": train_images / train_seconds if train_seconds else None,
-            "device": str(accelerator.device), "mixed_precision": cfg.mixed_precision,
+            "device": str(accelerator.device), "mixed_precision": cfg.run.mixed_precision,
             "versions": {"torch": torch.__version__, "brevitas": brevitas.__version__,
                          "brevitas_ana": brevitas_ana.__version__,
                          "accelerate": accelerate.__version__, "timm": timm.__version__,
@@ -377,7 +383,7 @@ def main(argv=None):
             plot_metrics(metrics_path)
         if controller is not None:
             controller.plot(run_dir / "sigma_schedule.png")
-        if cfg.export:
+        if cfg.run.export:
             results["export"] = export_and_validate(net, test_set, run_dir, accelerator)
         write_json(run_dir / "results.json", results)
         accelerator.print(f"test accuracy (exact quantised model): {test_acc:.2f}% -> "

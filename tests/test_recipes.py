@@ -14,7 +14,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train_cifar10.py"
 
-from brevitas_ana.recipes.config import Config, ConfigError, parse_args  # noqa: E402
+from brevitas_ana.recipes.config import (ConfigError, RecipeConfig, flat,  # noqa: E402
+                                         parse_args, to_dict)
+
+CONFIGS = ROOT / "recipes" / "configs"
 
 QUICK = ["--batch-size", "16", "--num-workers", "0"]
 
@@ -38,51 +41,85 @@ def rows(run_dir):
 
 def test_default_is_cnv_w2a2_with_ana():
     cfg = parse_args([])
-    assert (cfg.model, cfg.weight_bit_width, cfg.act_bit_width, cfg.quantiser, cfg.preset,
-            cfg.data_dir) == ("cnv", 2, 2, "ana", "homogeneous", "./data")
+    assert (cfg.model.name, cfg.model.weight_bit_width, cfg.model.act_bit_width,
+            cfg.model.quantiser, cfg.ana.preset, cfg.data.data_dir) == ("cnv", 2, 2, "ana",
+                                                                         "homogeneous", "./data")
     # the measured best ANA setting (README, Results)
-    assert (cfg.backward, cfg.sigma_grad_min, cfg.sigma, cfg.anneal_end) == ("floor", 0.5774,
-                                                                            None, 0.7)
+    assert (cfg.ana.backward, cfg.ana.sigma_grad_min, cfg.ana.sigma, cfg.ana.anneal_end) == (
+        "floor", 0.5774, None, 0.7)
+    # the cnv_w2a2 file states the defaults in full
+    assert to_dict(parse_args(["--config", str(CONFIGS / "cnv_w2a2.yaml")])) == to_dict(cfg)
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "configs").glob("*.yaml")),
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_config_loads_and_ste_changes_only_the_quantiser(path):
-    ana = parse_args(["--config", str(path)])
-    ste = parse_args(["--config", str(path), "--quantiser", "ste"])
-    assert ana.quantiser == "ana" and ste.quantiser == "ste"
-    assert {k: v for k, v in vars(ana).items() if k != "quantiser"} == \
-        {k: v for k, v in vars(ste).items() if k != "quantiser"}
+    ana = flat(parse_args(["--config", str(path)]))
+    ste = flat(parse_args(["--config", str(path), "--quantiser", "ste"]))
+    assert ana["quantiser"] == "ana" and ste["quantiser"] == "ste"
+    assert {k: v for k, v in ana.items() if k != "quantiser"} == \
+        {k: v for k, v in ste.items() if k != "quantiser"}
 
 
-def test_overrides_are_typed():
+def test_configs_compose():
+    """A CNV file states only what differs from the defaults; files given later win."""
+    w1a1 = flat(parse_args(["--config", str(CONFIGS / "cnv_w1a1.yaml")]))
+    w2a2 = flat(parse_args([]))
+    assert {k for k in w1a1 if w1a1[k] != w2a2[k]} == {"weight_bit_width", "act_bit_width",
+                                                         "output_dir"}
+    assert len(yaml.safe_load((CONFIGS / "cnv_w1a1.yaml").read_text())) == 2
+    both = flat(parse_args(["--config", str(CONFIGS / "vgg8_ternary.yaml"), "--config",
+                            str(CONFIGS / "cnv_w1a1.yaml")]))
+    assert (both["model"], both["weight_bit_width"], both["lr"], both["output_dir"]) == (
+        "vgg8", 1, 0.001, "runs/cnv_w1a1")
+
+
+def test_overrides_are_typed_flat_and_by_section():
     cfg = parse_args(["--lr", "1e-3", "--epochs", "3", "--clip-weights", "null",
-                      "--lr-milestones", "[2, 5]", "--no-export", "--output-dir", "x/y"])
-    assert cfg.lr == 1e-3 and cfg.epochs == 3 and cfg.clip_weights is None
-    assert cfg.lr_milestones == [2, 5] and cfg.export is False and cfg.output_dir == "x/y"
+                      "--lr-milestones", "[2, 5]", "--no-export", "--output-dir", "x/y",
+                      "--model", "vgg8", "--no-download"])
+    assert cfg.optim.lr == 1e-3 and cfg.optim.epochs == 3 and cfg.optim.clip_weights is None
+    assert cfg.optim.lr_milestones == [2, 5] and cfg.run.export is False
+    assert cfg.run.output_dir == "x/y" and cfg.model.name == "vgg8" and cfg.data.download is False
+    same = parse_args(["--optim.lr", "1e-3", "--optim.epochs=3", "--optim.clip_weights", "null",
+                       "--optim.lr_milestones", "[2, 5]", "--run.export", "false",
+                       "--run.output_dir", "x/y", "--model.name", "vgg8", "--data.download",
+                       "false"])
+    assert to_dict(same) == to_dict(cfg)
+
+
+def test_groups_and_schedules_in_yaml(tmp_path):
+    path = tmp_path / "groups.yaml"
+    path.write_text(yaml.safe_dump({"ana": {
+        "groups": {"stem": ["conv_features.0", "conv_features.1"], "rest": ["*"]},
+        "schedules": {"*": {"sigma": {"name": "cosine", "t_start": 0, "t_end": 3}}}}}))
+    cfg = parse_args(["--config", str(path)])
+    assert cfg.ana.groups == {"stem": ["conv_features.0", "conv_features.1"], "rest": ["*"]}
+    assert cfg.ana.schedules["*"]["sigma"]["name"] == "cosine"
 
 
 def test_vgg8_paper_setting():
-    cfg = parse_args(["--config", str(ROOT / "recipes/configs/vgg8_ternary.yaml"),
+    cfg = parse_args(["--config", str(CONFIGS / "vgg8_ternary.yaml"),
                       "--preset", "homogeneous", "--noise", "logistic"])
-    assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.epochs, cfg.lr_milestones,
-            cfg.lr_gamma) == ("adam", 1e-3, 256, 500, [400], 0.1)
-    assert (cfg.preset, cfg.noise) == ("homogeneous", "logistic")
+    o = cfg.optim
+    assert (o.optimizer, o.lr, o.batch_size, o.epochs, o.lr_milestones, o.lr_gamma) == (
+        "adam", 1e-3, 256, 500, [400], 0.1)
+    assert (cfg.ana.preset, cfg.ana.noise) == ("homogeneous", "logistic")
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--preset", "sync"], "preset must be one of"),
-    (["--noise", "gauss"], "noise must be one of"),
-    (["--epochs", "0"], "epochs must be > 0"),
-    (["--epochs", "two"], "epochs must be an integer"),
-    (["--lr", "fast"], "lr must be a number"),
+    (["--preset", "sync"], r"^ana.preset: must be one of \['homogeneous'.*got sync"),
+    (["--noise", "gauss"], r"^ana.noise: unknown noise family 'gauss'"),
+    (["--epochs", "0"], r"^optim.epochs: must be an integer > 0, got 0"),
+    (["--epochs", "two"], r"^optim.epochs: must be an integer > 0, got two"),
+    (["--lr", "fast"], r"^optim.lr: must be a number >= 0, got fast"),
     (["--config", "nowhere.yaml"], "nowhere.yaml does not exist"),
-    (["--anneal-end", "0"], r"anneal_end must be in \(0, 1\]"),
-    (["--anneal-end", "1.5"], r"anneal_end must be in \(0, 1\]"),
-    (["--backward", "smooth"], "backward must be one of"),
-    (["--sigma-grad-min", "-0.1"], "sigma_grad_min must be >= 0"),
-    (["--sigma-grad-min", ".nan"], "sigma_grad_min must be >= 0"),
-    (["--sigma-grad-min", ".inf"], "sigma_grad_min must be finite"),
+    (["--anneal-end", "0"], r"^ana.anneal_end: must be in \(0, 1\]"),
+    (["--anneal-end", "1.5"], r"^ana.anneal_end: must be in \(0, 1\]"),
+    (["--backward", "smooth"], r"^ana.backward: must be one of"),
+    (["--sigma-grad-min", "-0.1"], r"^ana.sigma_grad_min: must be a number >= 0 or null"),
+    (["--sigma-grad-min", "nan"], r"^ana.sigma_grad_min: must be a number >= 0 or null"),
+    (["--sigma-grad-min", "inf"], r"^ana.sigma_grad_min: must be finite"),
+    (["--model", "vgg9"], r"^model.name: must be one of \['cnv', 'resnet18', 'vgg8'\]"),
 ])
 def test_bad_values_name_the_field(argv, match):
     with pytest.raises(ConfigError, match=match):
@@ -91,26 +128,34 @@ def test_bad_values_name_the_field(argv, match):
 
 def test_bad_value_in_a_config_file_names_file_and_key(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"model": "cnv", "anneal_end": 2.0}))
-    with pytest.raises(ConfigError, match=r"bad.yaml: anneal_end must be in"):
+    bad.write_text(yaml.safe_dump({"ana": {"anneal_end": 2.0}}))
+    with pytest.raises(ConfigError, match=r"bad.yaml: ana.anneal_end: must be in"):
+        parse_args(["--config", str(bad)])
+    bad.write_text("optim: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML"):
         parse_args(["--config", str(bad)])
 
 
-def test_unknown_keys_are_named(tmp_path, capsys):
+def test_unknown_keys_are_named(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"model": "cnv", "learning_rate": 0.1}))
-    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key\(s\) \['learning_rate'\]"):
+    bad.write_text(yaml.safe_dump({"optim": {"learning_rate": 0.1}}))
+    with pytest.raises(ConfigError,
+                       match=r"bad.yaml: .*'optim' does not accept .*'learning_rate'"):
         parse_args(["--config", str(bad)])
-    with pytest.raises(SystemExit):
+    # a file in the flat format of earlier releases: where each key goes now
+    bad.write_text(yaml.safe_dump({"model": "cnv", "epochs": 3}))
+    with pytest.raises(ConfigError, match=r"unknown section\(s\) \['epochs', 'model'\].*"
+                                          r"epochs under optim:"):
+        parse_args(["--config", str(bad)])
+    with pytest.raises(ConfigError, match="unrecognized arguments: --epoch 3"):
         parse_args(["--epoch", "3"])
-    assert "unrecognized arguments: --epoch 3" in capsys.readouterr().err
 
 
 def test_every_yaml_key_is_a_config_field():
-    keys = set()
-    for path in (ROOT / "recipes" / "configs").glob("*.yaml"):
-        keys |= set(yaml.safe_load(path.read_text()))
-    assert keys <= set(vars(Config()))
+    for path in CONFIGS.glob("*.yaml"):
+        data = yaml.safe_load(path.read_text())
+        for section, keys in data.items():
+            assert set(keys) <= set(to_dict(RecipeConfig())[section]), (path, section)
 
 
 # --- data errors -----------------------------------------------------------------------------
@@ -175,7 +220,7 @@ def test_every_recipe_trains_a_few_steps(config, quantiser, tiny_cifar, tmp_path
          "--epochs", "1", "--max-steps", "2", "--batch-size", "8", "--num-workers", "0",
          "--quantiser", quantiser, "--no-export", "--output-dir", out])
     results = json.loads((out / "results.json").read_text())
-    assert results["steps"] == 2 and results["config"]["quantiser"] == quantiser
+    assert results["steps"] == 2 and results["config"]["model"]["quantiser"] == quantiser
     has_sigma = any(k.startswith("sigma/") for k in rows(out)[0])
     assert has_sigma == (quantiser == "ana")
 
