@@ -51,7 +51,7 @@ def spec_from_config(path: Path) -> dict:
     try:
         if path.suffix == ".json":
             data = json.loads(path.read_text())
-            cfg = from_dict(data, where=str(path)) if "optim" in data else data
+            cfg = from_dict(data) if "optim" in data else data
         else:
             cfg = parse_args(["--config", str(path)])
         return model_spec(**flat(cfg))

@@ -238,14 +238,14 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     return cfg
 
 
-def from_dict(data: dict, where: str = "config") -> RecipeConfig:
+def from_dict(data: dict) -> RecipeConfig:
     """A RecipeConfig from its nested dict (a run's config.json), checked like the command line."""
     p = parser()
     try:
         ns = p.parse_object(data)
         cfg = p.instantiate(ns)
     except Exception as e:  # jsonargparse's ArgumentError / TypeError
-        raise ConfigError(f"{where}: {str(e).strip()}") from None
+        raise ConfigError(_message(e)) from None
     return validate(_recipe(cfg))
 
 

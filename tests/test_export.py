@@ -421,9 +421,9 @@ def test_cli_bad_input_is_a_clear_error(case, trained_run, tmp_path):
     elif case == "wrong_shapes":
         other = tmp_path / "other"
         other.mkdir()
-        cfg = json.loads((run / "config.json").read_text())
-        cfg["model"] = "vgg8"
-        (other / "config.json").write_text(json.dumps(cfg))
+        spec = json.loads((run / "model_spec.json").read_text())
+        (other / "model_spec.json").write_text(json.dumps({"name": "vgg8", "kwargs": {
+            "quantiser": spec["kwargs"]["quantiser"]}}))
         (other / "model.pt").write_bytes((run / "model.pt").read_bytes())
         args[1], expected = other, "does not fit a vgg8"
     elif case == "no_data":
