@@ -158,8 +158,8 @@ def launch(run, out: Path, threads: int) -> int:
         shutil.rmtree(run_dir)  # a run of other settings (a default changed): start afresh
     run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    resume = ["--resume", "latest"] if (run_dir / "checkpoints").is_dir() and any(
-        (run_dir / "checkpoints").glob("epoch_*")) else []
+    from brevitas_ana.recipes.checkpoint import checkpoints
+    resume = ["--resume", "latest"] if checkpoints(run_dir) else []
     with open(run_dir / "bench.log", "a") as log:
         return subprocess.call([sys.executable, str(RECIPE)] + run["argv"] + resume,
                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)

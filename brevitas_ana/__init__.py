@@ -4,7 +4,8 @@ Where things live:
     noise.py       noise families (CDF, PDF, support) and their registry
     functional.py  ana_round: the smoothed stair and its autograd function (where sigma is used)
     options.py     AnaConfig: the ANA settings, one set of defaults
-    quant.py       Brevitas adaptation: Ana* quantisers, ana_quant(), set_sigma() (where it is stored)
+    quant.py       Brevitas adaptation: Ana* quantisers, ana_quant(), set_sigma() (where sigma is
+                   stored)
     schedules.py   annealing factors g(t)
     controller.py  AnaController: orders and groups quantisers, sets sigma(t) and the backward
                    noise (where they come from)
@@ -31,5 +32,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ana_round", "functional", "noise", "schedules", "NoiseFamily", "get_noise", "register_noise",
     "AnaQuantMixin", "ana_quant", "stock_quant", "ana_quantizers", "keep_quant_modules",
-    "set_sigma", "set_noise", "AnaConfig", "AnaController", "PRESETS", "BACKWARD_POLICIES", "GradientHealth", "make_schedule", "to_ana", "to_stock",
-    "quantize_timm", "__version__"]
+    "set_sigma", "set_noise", "AnaConfig", "AnaController", "PRESETS", "BACKWARD_POLICIES",
+    "GradientHealth", "make_schedule", "to_ana", "to_stock", "quantize_timm", "__version__"]

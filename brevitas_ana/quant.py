@@ -134,8 +134,9 @@ class _AnaIntMixin(AnaQuantMixin):
                  float_to_int_impl: nn.Module = RoundSte(),
                  tensor_clamp_impl: nn.Module = TensorClamp(), quant_delay_steps: int = 0,
                  ana_noise: str = _DEFAULT.noise, ana_strategy: str = _DEFAULT.strategy,
-                 ana_annealed_grad: str = "ste", ana_sigma: float = 0.0, ana_mu: float = _DEFAULT.mu,
-                 ana_backward: str = _DEFAULT.backward, ana_sigma_grad_min: float = None):
+                 ana_annealed_grad: str = _DEFAULT.annealed_grad, ana_sigma: float = 0.0,
+                 ana_mu: float = _DEFAULT.mu, ana_backward: str = _DEFAULT.backward,
+                 ana_sigma_grad_min: float = _DEFAULT.sigma_grad_min):
         super().__init__(narrow_range, signed, input_view_impl, float_to_int_impl,
                          tensor_clamp_impl, quant_delay_steps)
         _check_round(float_to_int_impl)
@@ -200,8 +201,9 @@ class AnaBinaryQuant(_AnaBinaryMixin, BinaryQuant):
 
     def __init__(self, scaling_impl: nn.Module, signed: bool = True, quant_delay_steps: int = 0,
                  ana_noise: str = _DEFAULT.noise, ana_strategy: str = _DEFAULT.strategy,
-                 ana_annealed_grad: str = "ste", ana_sigma: float = 0.0, ana_mu: float = _DEFAULT.mu,
-                 ana_backward: str = _DEFAULT.backward, ana_sigma_grad_min: float = None):
+                 ana_annealed_grad: str = _DEFAULT.annealed_grad, ana_sigma: float = 0.0,
+                 ana_mu: float = _DEFAULT.mu, ana_backward: str = _DEFAULT.backward,
+                 ana_sigma_grad_min: float = _DEFAULT.sigma_grad_min):
         super().__init__(scaling_impl, signed, quant_delay_steps)
         self._init_ana(ana_noise, ana_strategy, ana_annealed_grad, ana_sigma, ana_mu,
                        ana_backward, ana_sigma_grad_min)
@@ -212,9 +214,10 @@ class AnaClampedBinaryQuant(_AnaBinaryMixin, ClampedBinaryQuant):
 
     def __init__(self, scaling_impl: nn.Module, tensor_clamp_impl: nn.Module = TensorClamp(),
                  quant_delay_steps: int = 0, ana_noise: str = _DEFAULT.noise,
-                 ana_strategy: str = _DEFAULT.strategy, ana_annealed_grad: str = "ste",
-                 ana_sigma: float = 0.0, ana_mu: float = _DEFAULT.mu, ana_backward: str = _DEFAULT.backward,
-                 ana_sigma_grad_min: float = None):
+                 ana_strategy: str = _DEFAULT.strategy,
+                 ana_annealed_grad: str = _DEFAULT.annealed_grad, ana_sigma: float = 0.0,
+                 ana_mu: float = _DEFAULT.mu, ana_backward: str = _DEFAULT.backward,
+                 ana_sigma_grad_min: float = _DEFAULT.sigma_grad_min):
         super().__init__(scaling_impl, tensor_clamp_impl, quant_delay_steps)
         self._init_ana(ana_noise, ana_strategy, ana_annealed_grad, ana_sigma, ana_mu,
                        ana_backward, ana_sigma_grad_min)

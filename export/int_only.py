@@ -261,8 +261,8 @@ def _threshold_nodes(graph: Graph, th: Thresholds, acc: str, out: str, conv: boo
         acc_sum = graph.fresh(f"{name}_level")
         nodes.append(helper.make_node("Add", [base, term], [acc_sum], name=f"{name}_th_add{i}"))
         base = acc_sum
-    nodes.append(helper.make_node("Cast", [base], [out], name=f"{name}_th_out",
-                                  to=TensorProto.UINT8 if th.dtype == "uint8" else TensorProto.INT8))
+    to = TensorProto.UINT8 if th.dtype == "uint8" else TensorProto.INT8
+    nodes.append(helper.make_node("Cast", [base], [out], name=f"{name}_th_out", to=to))
     return nodes
 
 

@@ -59,6 +59,26 @@ def spec_from_config(path: Path) -> dict:
         raise CheckpointError(f"config {path}: {e}") from None
 
 
+COMPLETE = "COMPLETE"  # written last into a checkpoint folder (see save_checkpoint)
+
+
+def _number(path: Path) -> int:
+    return int(path.name.rpartition("_")[2])
+
+
+def checkpoints(run_dir: Path, complete: bool = True):
+    """Checkpoint folders (``checkpoint_<epoch>``; ``epoch_NNNN`` of earlier runs), oldest
+    first: the complete ones, or (``complete=False``) the ones a stopped run left half-written."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("checkpoint_")
+             and (p / COMPLETE).is_file() == complete]
+    if complete:  # earlier runs renamed complete folders into place
+        found += [p for p in root.glob("epoch_*") if p.is_dir()]
+    return sorted(found, key=_number)
+
+
 def _weights_in(folder: Path) -> Optional[Path]:
     return next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
 
@@ -75,12 +95,12 @@ def locate(checkpoint) -> Tuple[Path, Optional[Path]]:
     if (path / "model.pt").is_file():  # a finished run
         return path / "model.pt", run_cfg
     if (path / "checkpoints").is_dir() or run_cfg is not None:  # a run directory
-        for ckpt in reversed(sorted((path / "checkpoints").glob("epoch_*"))):
+        for ckpt in reversed(checkpoints(path)):
             weights = _weights_in(ckpt)
             if weights:
                 return weights, run_cfg
         raise CheckpointError(f"--checkpoint: {path} was never trained: no model.pt and no "
-                              f"checkpoints/epoch_* with weights (training stopped before its "
+                              f"complete checkpoint in checkpoints/ (training stopped before its "
                               f"first epoch ended?)")
     weights = _weights_in(path)
     if weights is None:
@@ -97,9 +117,10 @@ def read_state_dict(path: Path) -> dict:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # torch's and safetensors' messages run over several lines
+        first = next((line for line in str(e).splitlines() if line.strip()), "")[:200]
         raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or truncated?): "
-                              f"{type(e).__name__}: {e}") from None
+                              f"{type(e).__name__}: {first}") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

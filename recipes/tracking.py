@@ -20,8 +20,9 @@ class CSVTracker(GeneralTracker):
     name = "csv"
     requires_logging_directory = False
 
-    @on_main_process
     def __init__(self, run_dir, keep_epochs: Optional[int] = None):
+        # not @on_main_process: built before the Accelerator, it must not create the process
+        # state itself (that state would not know the launch is distributed)
         super().__init__()
         self.path = Path(run_dir) / "metrics.csv"
         self.keep_epochs = keep_epochs

@@ -13,8 +13,8 @@ continues a stopped run exactly.
 """
 from __future__ import annotations
 
-import csv
 import json
+import logging
 import os
 import shutil
 import signal
@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -32,9 +33,12 @@ from tqdm.auto import tqdm
 import brevitas_ana
 from brevitas_ana.recipes.config import ConfigError, flat, parse_args, to_dict
 from brevitas_ana.recipes.data import datasets
-from brevitas_ana.recipes.checkpoint import write_spec
+from brevitas_ana.recipes.checkpoint import COMPLETE, checkpoints, write_spec
 from brevitas_ana.recipes.models import create_model, model_spec
 from brevitas_ana.recipes.plot import plot_metrics
+from brevitas_ana.recipes.tracking import CSVTracker
+
+logger = get_logger(__name__)
 
 
 # Tests set this to kill the run (SIGKILL, no clean-up) right after that optimiser step.
@@ -70,12 +74,6 @@ def make_scheduler(optim, optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
 
-def checkpoints(run_dir: Path):
-    """Complete checkpoints (renamed into place only once fully written), oldest first."""
-    root = run_dir / "checkpoints"
-    return sorted(p for p in root.glob("epoch_*") if p.is_dir()) if root.is_dir() else []
-
-
 def find_checkpoint(resume: str, run_dir: Path) -> Path:
     if resume == "latest":
         found = checkpoints(run_dir)
@@ -90,22 +88,21 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path:
     return path
 
 
-def save_checkpoint(accelerator, run_dir: Path, epoch: int, keep: int, spec: dict):
-    """Write to a temporary folder (accelerate's state and the model spec), then rename: a
-    killed run never leaves a partial checkpoint that looks complete."""
-    final = run_dir / "checkpoints" / f"epoch_{epoch:04d}"
-    tmp = run_dir / "checkpoints" / f".tmp_epoch_{epoch:04d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+def save_checkpoint(accelerator, epoch: int, spec: dict):
+    """accelerate names the folder (``checkpoint_<epoch>``, ProjectConfiguration's automatic
+    naming) and keeps the newest ``keep_checkpoints`` (its ``total_limit``). It writes in
+    place, so the model spec and then the ``COMPLETE`` marker (itself written under a temporary
+    name and renamed) come last: the rename that makes a checkpoint count. A folder without the
+    marker is one a killed run left half-written; it is never loaded, and removed at the next
+    start."""
+    accelerator.project_configuration.iteration = epoch
+    path = Path(accelerator.save_state())
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_spec(tmp, spec)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        write_spec(path, spec)
+        tmp = path / f".{COMPLETE}.tmp"
+        tmp.write_text(f"epoch {epoch}\n")
+        os.replace(tmp, path / COMPLETE)
     accelerator.wait_for_everyone()
 
 
@@ -154,33 +151,46 @@ def export_and_validate(net, test_set, run_dir: Path, accelerator, max_images: i
     try:
         report = export_qnn(net, images, run_dir / "export", labels=labels)
     except ExportError as e:
-        accelerator.print(f"export: failed: {e}")
+        logger.info(f"export: failed: {e}")
         return {"error": str(e)}
-    accelerator.print(table(report))
+    logger.info(table(report))
     return {"passed": report["passed"], "report": str(run_dir / "export" / "report.json"),
             **{fmt: row["file"] for fmt, row in report["formats"].items()}}
 
 
 def main(argv=None):
+    logging.basicConfig(format="%(message)s", level=logging.INFO)
     try:
         cfg = parse_args(argv)
     except ConfigError as e:
         sys.exit(f"error: {e}")
     run_dir = Path(cfg.run.output_dir)
 
-    # --- accelerate -----------------------------------------------------------------------
+    # --- accelerate: checkpoint naming and rotation, metrics (CSV and TensorBoard) ----------
+    csv_tracker = CSVTracker(run_dir)
+    log_with = [csv_tracker]
     try:
         import tensorboard  # noqa: F401
-        log_with = "tensorboard"
+        log_with.append("tensorboard")
     except ImportError:
-        log_with = None
+        pass
+    project = ProjectConfiguration(project_dir=str(run_dir), automatic_checkpoint_naming=True,
+                                   total_limit=cfg.run.keep_checkpoints)
     accelerator = Accelerator(
-        mixed_precision=cfg.run.mixed_precision, log_with=log_with, project_dir=str(run_dir),
+        mixed_precision=cfg.run.mixed_precision, log_with=log_with, project_config=project,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     set_seed(cfg.run.seed)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", to_dict(cfg))
+        # half-written checkpoints of a killed run; a run that does not resume starts afresh
+        for folder in checkpoints(run_dir, complete=False):
+            shutil.rmtree(folder)
+            logger.info(f"removed {folder}: written only in part (the run stopped while saving)")
+        if not cfg.run.resume:
+            for folder in checkpoints(run_dir):
+                shutil.rmtree(folder)
+                logger.info(f"removed {folder}: a checkpoint of an earlier run in this folder")
     accelerator.wait_for_everyone()
 
     # --- data -------------------------------------------------------------------------------
@@ -208,7 +218,8 @@ def main(argv=None):
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr,
                                      weight_decay=cfg.optim.weight_decay)
     else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr,
+                                    momentum=cfg.optim.momentum,
                                     weight_decay=cfg.optim.weight_decay)
     scheduler = make_scheduler(cfg.optim, optimizer)
     criterion = sqr_hinge_loss if cfg.optim.loss == "sqr_hinge" else nn.functional.cross_entropy
@@ -252,18 +263,9 @@ def main(argv=None):
                      f"(W{cfg.model.weight_bit_width}A{cfg.model.act_bit_width}, "
                      f"{cfg.model.quantiser}) run: "
                      f"{type(e).__name__}: {e}")
-        accelerator.print(f"resumed from {ckpt} at epoch {progress.epoch}, step {progress.step}")
+        logger.info(f"resumed from {ckpt} at epoch {progress.epoch}, step {progress.step}")
     metrics_path = run_dir / "metrics.csv"
-    if accelerator.is_main_process and metrics_path.exists():  # drop epochs the resume redoes
-        with open(metrics_path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= progress.epoch]
-        if rows:
-            with open(metrics_path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
-        else:
-            metrics_path.unlink()
+    csv_tracker.keep_epochs = progress.epoch  # rows of the epochs the resume does not redo
     accelerator.init_trackers("tensorboard", config={k: v for k, v in flat(cfg).items()
                                                      if isinstance(v, (int, float, str, bool))})
 
@@ -341,17 +343,10 @@ def main(argv=None):
             # the gradient that reached each group during the epoch (brevitas_ana.health)
             for g, stats in health.read(reduce=accelerator.reduce).items():
                 row.update({f"{k}/{g}": v for k, v in stats.items()})
-        accelerator.log(row, step=progress.step)
-        if accelerator.is_main_process:
-            new = not metrics_path.exists()
-            with open(metrics_path, "a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(row))
-                if new:
-                    writer.writeheader()
-                writer.writerow(row)
-        save_checkpoint(accelerator, run_dir, progress.epoch, cfg.run.keep_checkpoints, spec)
+        accelerator.log(row, step=progress.step)  # metrics.csv and TensorBoard
+        save_checkpoint(accelerator, progress.epoch, spec)
         epoch_bar.update()
-        accelerator.print(
+        logger.info(
             f"epoch {progress.epoch}/{cfg.optim.epochs}: train loss {train_loss:.4f} acc "
             f"{train_acc:.2f}% | eval (noise-free) loss {eval_loss:.4f} acc {eval_acc:.2f}% | "
             f"{images_per_s:.0f} img/s" + ("" if agree else " | RANKS DISAGREE"))
@@ -386,7 +381,7 @@ def main(argv=None):
         if cfg.run.export:
             results["export"] = export_and_validate(net, test_set, run_dir, accelerator)
         write_json(run_dir / "results.json", results)
-        accelerator.print(f"test accuracy (exact quantised model): {test_acc:.2f}% -> "
+        logger.info(f"test accuracy (exact quantised model): {test_acc:.2f}% -> "
                           f"{run_dir / 'results.json'}")
     if not agree:
         sys.exit("error: processes ended with different parameters or noise")

@@ -26,6 +26,7 @@ def bench(out, data, *grids, check=True, jobs=1):
     return proc
 
 
+@pytest.mark.slow
 def test_results_are_the_runs_own_and_reproduce_directly(tiny_cifar, tmp_path):
     out = tmp_path / "bench"
     # cnv_w1a2 is not in the benchmark's documented grid; the default preset spelt out

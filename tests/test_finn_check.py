@@ -70,6 +70,7 @@ def test_table_names_the_failing_stage():
     assert "MVAU x9" in text
 
 
+@pytest.mark.slow
 @needs_finn
 @pytest.mark.parametrize("w,a", [(1, 1), (2, 2)])
 def test_finn_flow_takes_the_exported_qonnx(w, a, tmp_path):
@@ -90,6 +91,7 @@ def test_finn_flow_takes_the_exported_qonnx(w, a, tmp_path):
     assert (tmp_path / "finn" / "8_to_hw.onnx").exists()
 
 
+@pytest.mark.slow
 @needs_finn
 def test_finn_flow_fails_on_a_symbolic_batch_naming_the_stage(tmp_path):
     """The file this project wrote before: batch 'N'. FINN's executor refuses it at the first
