@@ -63,14 +63,19 @@ def check_trained(model: torch.nn.Module):
                           f"weights first")
 
 
-def _save(model: onnx.ModelProto, path: Path):
-    """One self-contained file (no external data), renamed into place once complete."""
-    tmp = path.with_name(f".{path.name}.tmp")
+def _atomic(path: Path, write):
+    """``write(tmp)``, then rename to ``path``: each file complete or absent."""
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
     try:
-        onnx.save_model(model, str(tmp), save_as_external_data=False)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _save(model: onnx.ModelProto, path: Path):
+    """One self-contained file (no external data)."""
+    _atomic(path, lambda tmp: onnx.save_model(model, str(tmp), save_as_external_data=False))
 
 
 def _check_int_kernels(integer, layers, report):
@@ -167,16 +172,11 @@ def _check_int_only(model, layers, report):
 def _save_reference(path: Path, images, logits, labels, quantum, n: int = REFERENCE_IMAGES):
     """The first ``n`` images with PyTorch's logits and the output quantum, for checks by other
     tools (export/finn_check.py)."""
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    try:
-        arrays = dict(images=images[:n], logits=logits[:n].astype(np.float32),
-                      quantum=np.asarray(quantum, np.float32))
-        if labels is not None:
-            arrays["labels"] = labels[:n]
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    arrays = dict(images=images[:n], logits=logits[:n].astype(np.float32),
+                  quantum=np.asarray(quantum, np.float32))
+    if labels is not None:
+        arrays["labels"] = labels[:n]
+    _atomic(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def torch_logits(model, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -268,7 +268,5 @@ def export_qnn(model: torch.nn.Module, images, output_dir, labels=None,
         _check_int_only(models["int_only"], layers, report)
     _save_reference(out / "reference.npz", images, reference, labels, quantum)
     report["passed"] = not report["failures"]
-    tmp = out / ".report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out / "report.json")
+    _atomic(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
     return report

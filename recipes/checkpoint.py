@@ -8,8 +8,9 @@ failure names the file or field at fault."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -23,11 +24,26 @@ class CheckpointError(ValueError):
     """A run, checkpoint, spec or weights file that cannot be loaded; the message names it."""
 
 
+def atomic_write(path, write: Callable[[Path], None]):
+    """``write(tmp)`` to a temporary name beside ``path``, then rename: ``path`` is either the
+    old file or the complete new one, whenever the process dies (every file a run writes goes
+    through here)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path, text: str):
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
 def write_spec(folder: Path, spec: dict):
-    """``folder/model_spec.json``, written to a temporary name and renamed."""
-    tmp = Path(folder) / f".{SPEC_FILE}.tmp"
-    tmp.write_text(json.dumps(spec, indent=2))
-    tmp.replace(Path(folder) / SPEC_FILE)
+    """``folder/model_spec.json``."""
+    write_text(Path(folder) / SPEC_FILE, json.dumps(spec, indent=2))
 
 
 def read_spec(path: Path) -> dict:

@@ -6,11 +6,12 @@ file with the wider header. A resumed run keeps the rows of the epochs it does n
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from typing import Optional
 
 from accelerate.tracking import GeneralTracker, on_main_process
+
+from brevitas_ana.recipes.checkpoint import atomic_write
 
 
 class CSVTracker(GeneralTracker):
@@ -58,12 +59,13 @@ class CSVTracker(GeneralTracker):
             self.path.unlink(missing_ok=True)
             return
         fields = list(dict.fromkeys(k for r in self.rows for k in r))
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.path)
+
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(self.rows)
+        atomic_write(self.path, write)
 
     @on_main_process
     def finish(self):

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 import brevitas_ana
 from brevitas_ana.recipes.config import ConfigError, flat, parse_args, to_dict
 from brevitas_ana.recipes.data import datasets
-from brevitas_ana.recipes.checkpoint import COMPLETE, checkpoints, write_spec
+from brevitas_ana.recipes.checkpoint import (COMPLETE, atomic_write, checkpoints, write_spec,
+                                             write_text)
 from brevitas_ana.recipes.models import create_model, model_spec
 from brevitas_ana.recipes.plot import plot_metrics
 from brevitas_ana.recipes.tracking import CSVTracker
@@ -100,16 +101,12 @@ def save_checkpoint(accelerator, epoch: int, spec: dict):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_spec(path, spec)
-        tmp = path / f".{COMPLETE}.tmp"
-        tmp.write_text(f"epoch {epoch}\n")
-        os.replace(tmp, path / COMPLETE)
+        write_text(path / COMPLETE, f"epoch {epoch}\n")
     accelerator.wait_for_everyone()
 
 
 def write_json(path: Path, data):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def evaluate(model, loader, criterion, accelerator, desc):
@@ -372,8 +369,7 @@ def main(argv=None):
                          "accelerate": accelerate.__version__, "timm": timm.__version__,
                          "python": sys.version.split()[0]}}
         write_spec(run_dir, spec)
-        torch.save(net.state_dict(), run_dir / "model.pt.tmp")
-        os.replace(run_dir / "model.pt.tmp", run_dir / "model.pt")
+        atomic_write(run_dir / "model.pt", lambda tmp: torch.save(net.state_dict(), tmp))
         if metrics_path.exists():
             plot_metrics(metrics_path)
         if controller is not None:
