@@ -186,7 +186,8 @@ def torch_logits(model, images: np.ndarray, batch_size: int) -> np.ndarray:
     model = copy.deepcopy(model).float().cpu().eval()
     outs = []
     with torch.no_grad():
-        for i in tqdm(range(0, len(images), batch_size), desc="pytorch", leave=False):
+        for i in tqdm(range(0, len(images), batch_size), desc="pytorch", leave=False,
+                      disable=None):  # bars in terminals only
             outs.append(model(torch.from_numpy(images[i:i + batch_size])).float().numpy())
     return np.concatenate(outs)
 
@@ -249,7 +250,7 @@ def export_qnn(model: torch.nn.Module, images, output_dir, labels=None,
         # the QONNX file itself is checked by _check_finn_ready; its twin with a symbolic batch
         # runs the whole batch here
         run = runtime.run_qonnx if fmt == "qonnx" else runtime.run_onnxruntime
-        with tqdm(total=len(images), desc=fmt, leave=False) as bar:
+        with tqdm(total=len(images), desc=fmt, leave=False, disable=None) as bar:
             logits = run(models[fmt], images, batch_size, progress=bar.update)
         row = {"file": str(path), **compare(reference, logits, labels, quantum)}
         row["passed"] = tolerance.passes(row)

@@ -29,6 +29,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import brevitas_ana
 from brevitas_ana.recipes.config import ConfigError, flat, parse_args, to_dict
@@ -40,6 +41,9 @@ from brevitas_ana.recipes.plot import plot_metrics
 from brevitas_ana.recipes.tracking import CSVTracker
 
 logger = get_logger(__name__)
+# INFO for the recipe's own lines only (get_logger(log_level=) would raise the root logger too,
+# and accelerate's per-file checkpoint lines with it)
+logger.logger.setLevel(logging.INFO)
 
 
 # Tests set this to kill the run (SIGKILL, no clean-up) right after that optimiser step.
@@ -115,7 +119,7 @@ def evaluate(model, loader, criterion, accelerator, desc):
     loss_sum, correct, count = 0.0, 0, 0
     with torch.no_grad():
         for images, labels in tqdm(loader, desc=desc, leave=False,
-                                   disable=not accelerator.is_local_main_process):
+                                   disable=None if accelerator.is_local_main_process else True):
             logits = model(images)
             logits, labels = accelerator.gather_for_metrics((logits, labels))
             loss_sum += criterion(logits.float(), labels).item() * len(labels)
@@ -156,7 +160,14 @@ def export_and_validate(net, test_set, run_dir: Path, accelerator, max_images: i
 
 
 def main(argv=None):
-    logging.basicConfig(format="%(message)s", level=logging.INFO)
+    logging.basicConfig(format="%(message)s")
+    # log lines through tqdm.write: each on its own line, below the progress bars, in a terminal
+    # and in a file log alike
+    with logging_redirect_tqdm():
+        _main(argv)
+
+
+def _main(argv=None):
     try:
         cfg = parse_args(argv)
     except ConfigError as e:
@@ -267,11 +278,11 @@ def main(argv=None):
                                                      if isinstance(v, (int, float, str, bool))})
 
     # --- train ------------------------------------------------------------------------------
-    main_proc = accelerator.is_local_main_process
+    main_proc = accelerator.is_local_main_process  # bars: main process, terminals only
     t_start = time.time()
     train_images, train_seconds, agree = 0, 0.0, True
     epoch_bar = tqdm(total=cfg.optim.epochs, initial=progress.epoch, desc="epochs", position=0,
-                     disable=not main_proc)
+                     disable=None if main_proc else True)
     max_steps = cfg.optim.max_steps
     while progress.epoch < cfg.optim.epochs and not (max_steps and progress.step >= max_steps):
         model.train()
@@ -281,7 +292,7 @@ def main(argv=None):
         correct = torch.zeros((), device=accelerator.device)
         seen, t0 = 0, time.time()
         bar = tqdm(total=len(train_dl), desc=f"epoch {progress.epoch + 1}/{cfg.optim.epochs}",
-                   position=1, leave=False, disable=not main_proc)
+                   position=1, leave=False, disable=None if main_proc else True)
         for images, labels in train_dl:
             logits = model(images)
             loss = criterion(logits.float(), labels)

@@ -3,6 +3,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -186,8 +187,12 @@ def test_corrupt_batch_is_named(tiny_cifar, tmp_path):
 @pytest.mark.slow
 def test_full_run_writes_everything(tiny_cifar, tmp_path):
     out = tmp_path / "run"
-    run(["--data-dir", tiny_cifar, "--epochs", "2", "--preset", "progressive", "--output-dir",
-         out] + QUICK)
+    proc = run(["--data-dir", tiny_cifar, "--epochs", "2", "--preset", "progressive",
+                "--output-dir", out] + QUICK)
+    # a log that is not a terminal: every epoch line on a line of its own, no bar fragments
+    log = proc.stderr.replace("\r", "\n")
+    assert len(re.findall(r"^(\[RANK 0\] )?epoch [12]/2: train loss", proc.stderr, re.M)) == 2
+    assert "it/s]" not in log
     results = json.loads((out / "results.json").read_text())
     assert results["epochs"] == 2 and results["world_size"] == 1 and results["ranks_agree"]
     assert 0 <= results["test_acc"] <= 100 and results["train_images_per_s"] > 0
