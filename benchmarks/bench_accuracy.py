@@ -131,8 +131,8 @@ def finished(run_dir: Path, config: dict) -> bool:
 
 
 def same_config(a: dict, b: dict) -> bool:
-    """Equal run configs; ``resume`` only says how the run was started, and a stock-STE run does
-    not depend on the ANA keys (a changed ANA default leaves it valid)."""
+    """Equal run configs; ``resume`` and ``overwrite`` only say how the run was started, and a
+    stock-STE run does not depend on the ANA keys (a changed ANA default leaves it valid)."""
     return _identity(a) == _identity(b)
 
 
@@ -145,7 +145,7 @@ def run_key(config: dict) -> str:
 def _identity(config: dict) -> dict:
     from brevitas_ana.recipes.config import flat
     config = flat(config)  # sections, or the flat keys of runs written before them
-    ignored = ("resume",) + (ANA_KEYS if config.get("quantiser") == "ste" else ())
+    ignored = ("resume", "overwrite") + (ANA_KEYS if config.get("quantiser") == "ste" else ())
     # keys added since (controller groups and schedules) count only when they are set
     return {k: v for k, v in config.items() if k not in ignored
             and not (k in ("groups", "schedules") and v is None)}
@@ -156,12 +156,13 @@ def launch(run, out: Path, threads: int) -> int:
     started = run_dir / "config.json"
     if started.is_file() and not same_config(json.loads(started.read_text()), run["resolved"]):
         shutil.rmtree(run_dir)  # a run of other settings (a default changed): start afresh
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     from brevitas_ana.recipes.checkpoint import checkpoints
-    resume = ["--resume", "latest"] if checkpoints(run_dir) else []
-    with open(run_dir / "bench.log", "a") as log:
-        return subprocess.call([sys.executable, str(RECIPE)] + run["argv"] + resume,
+    # continue a run that saved a checkpoint; replace one that stopped before its first
+    start = ["--resume", "latest"] if checkpoints(run_dir) else ["--overwrite"]
+    with open(run_dir.with_name(run_dir.name + ".log"), "a") as log:
+        return subprocess.call([sys.executable, str(RECIPE)] + run["argv"] + start,
                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
 
@@ -331,7 +332,7 @@ def main(argv=None):
                                          futures[future]["resolved"]):
                 failed.append(futures[future]["name"])
                 tqdm.write(f"failed ({code}): {futures[future]['name']}; see "
-                           f"{out / futures[future]['name'] / 'bench.log'}")
+                           f"{out / (futures[future]['name'] + '.log')}")
             bar.update()
     rows = [row_of(r, out / r["name"]) for r in runs if r["name"] not in failed]
     if not rows:

@@ -189,6 +189,9 @@ def _uniform_expectation(u: Tensor, lo: int, hi: int, sigma: float):
     """
     a = _SQRT3 * sigma
     inv_2a = 0.5 / a
+    # beyond [lo - a - 1, hi + a + 1] E is the end level and the slope 0; clamping there keeps
+    # +-inf from becoming inf * 0 = NaN (NaN stays NaN, as in Brevitas' clamp(round(x)))
+    u = u.clamp(lo - a - 1.0, hi + a + 1.0)
     if hi - lo == 1:  # one threshold (binary): E = lo + F, the slope is 1/2a inside the support
         d = u - (lo + 0.5)
         value = torch.mul(d, inv_2a).add_(0.5).clamp_(0.0, 1.0).add_(lo)

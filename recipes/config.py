@@ -154,6 +154,8 @@ class RunSection:
         seed: seed of everything random
         mixed_precision: no, bf16 or fp16
         resume: latest, a checkpoint directory or a run directory
+        overwrite: replace what output_dir holds (removed once the new run starts, each item
+            named); without it a non-empty output_dir must be resumed
         export: export and validate the trained network at the end
         keep_checkpoints: checkpoints kept (the newest)
     """
@@ -161,6 +163,7 @@ class RunSection:
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     resume: Optional[str] = None
+    overwrite: bool = False
     export: bool = True
     keep_checkpoints: PositiveInt = 2
 

@@ -3,6 +3,7 @@ so that small fixtures in the same format work too."""
 from __future__ import annotations
 
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +25,15 @@ def ensure_cifar10(data_dir, download: bool) -> Path:
         return folder
     why = "download disabled (--download false)"
     if download:
+        created = not Path(data_dir).exists()
         try:
             from torchvision.datasets.utils import download_and_extract_archive
             download_and_extract_archive(URL, str(data_dir), md5=MD5)
             return folder
         except Exception as e:  # no network, proxy, disk full...
-            why = f"download failed: {e}"
+            why = f"download failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            if created:  # a failed start leaves no empty data folder behind
+                shutil.rmtree(data_dir, ignore_errors=True)
     missing = [f for f in TRAIN_FILES + TEST_FILES if not (folder / f).is_file()]
     raise FileNotFoundError(
         f"data_dir: CIFAR-10 not found in {folder} (missing {missing}) and {why}. Put the python "

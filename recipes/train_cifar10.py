@@ -109,6 +109,22 @@ def save_checkpoint(accelerator, epoch: int, spec: dict):
     accelerator.wait_for_everyone()
 
 
+def start_run(run_dir: Path, cfg, existing):
+    """Once data, model and checkpoint are loaded: ``--overwrite`` removes (naming them) what
+    the folder held; half-written checkpoints of a killed run go; ``config.json`` is
+    written."""
+    if cfg.run.overwrite and existing:
+        for name in existing:
+            path = run_dir / name.rstrip("/")
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        logger.info(f"--overwrite: removed {', '.join(existing)} from {run_dir}")
+    for folder in checkpoints(run_dir, complete=False):
+        shutil.rmtree(folder)
+        logger.info(f"removed {folder}: written only in part (the run stopped while saving)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", to_dict(cfg))
+
+
 def write_json(path: Path, data):
     write_text(path, json.dumps(data, indent=2, default=str))
 
@@ -173,6 +189,18 @@ def _main(argv=None):
     except ConfigError as e:
         sys.exit(f"error: {e}")
     run_dir = Path(cfg.run.output_dir)
+    # A second run never destroys a first: a folder that holds anything is continued
+    # (--resume) or replaced on request (--overwrite), and nothing is written or removed until
+    # the run is known to start (data, model and checkpoint loaded: see "the run starts").
+    existing = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir()) \
+        if run_dir.is_dir() else []
+    if cfg.run.resume and cfg.run.overwrite:
+        sys.exit("error: --resume and --overwrite exclude each other (continue the run, or "
+                 "replace it)")
+    if existing and not cfg.run.resume and not cfg.run.overwrite:
+        sys.exit(f"error: --output-dir: {run_dir} is not empty ({', '.join(existing[:6])}"
+                 f"{', ...' if len(existing) > 6 else ''}); continue that run with --resume "
+                 f"latest, or replace it with --overwrite")
 
     # --- accelerate: checkpoint naming and rotation, metrics (CSV and TensorBoard) ----------
     csv_tracker = CSVTracker(run_dir)
@@ -188,18 +216,6 @@ def _main(argv=None):
         mixed_precision=cfg.run.mixed_precision, log_with=log_with, project_config=project,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     set_seed(cfg.run.seed)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", to_dict(cfg))
-        # half-written checkpoints of a killed run; a run that does not resume starts afresh
-        for folder in checkpoints(run_dir, complete=False):
-            shutil.rmtree(folder)
-            logger.info(f"removed {folder}: written only in part (the run stopped while saving)")
-        if not cfg.run.resume:
-            for folder in checkpoints(run_dir):
-                shutil.rmtree(folder)
-                logger.info(f"removed {folder}: a checkpoint of an earlier run in this folder")
-    accelerator.wait_for_everyone()
 
     # --- data -------------------------------------------------------------------------------
     with accelerator.main_process_first():
@@ -272,6 +288,10 @@ def _main(argv=None):
                      f"{cfg.model.quantiser}) run: "
                      f"{type(e).__name__}: {e}")
         logger.info(f"resumed from {ckpt} at epoch {progress.epoch}, step {progress.step}")
+    # --- the run starts: only now is anything in the run directory written or removed ------
+    if accelerator.is_main_process:
+        start_run(run_dir, cfg, existing)
+    accelerator.wait_for_everyone()
     metrics_path = run_dir / "metrics.csv"
     csv_tracker.keep_epochs = progress.epoch  # rows of the epochs the resume does not redo
     accelerator.init_trackers("tensorboard", config={k: v for k, v in flat(cfg).items()

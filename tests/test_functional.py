@@ -295,3 +295,44 @@ def test_cuda_autocast(dtype):
     torch.testing.assert_close(out.float().cpu(), ref, atol=0.04, rtol=0.01)
     out.float().sum().backward()
     assert torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("strategy", ["expectation", "mode", "random"])
+@pytest.mark.parametrize("noise", ["uniform", "triangular", "normal", "logistic"])
+def test_non_finite_inputs_behave_like_stock_brevitas(noise, strategy):
+    """+-inf clamp to the end levels and NaN stays NaN, as Brevitas' clamp(round(x)) does, in
+    every family, strategy and sigma (the uniform closed form once gave NaN for +-inf), and the
+    gradient there is 0, not NaN."""
+    y = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.3, 7.0, -9.0],
+                     requires_grad=True)
+    stock = torch.clamp(torch.round(y.detach()), -2, 1)
+    for lo, hi in ((-2, 1), (0, 1)):
+        want = torch.clamp(torch.round(y.detach()), lo, hi)
+        for sigma in (0.0, 0.3, 2.0):
+            torch.manual_seed(0)
+            out = ana_round(y, lo, hi, noise, sigma, 0.0, strategy)
+            assert out[0].item() == hi and out[1].item() == lo, (lo, hi, sigma)
+            assert torch.isnan(out[2])
+            assert torch.isfinite(out[3:]).all()
+            if strategy == "expectation":
+                (g,) = torch.autograd.grad(out[[0, 1, 3, 4, 5]].sum(), y)
+                assert g[0].item() == 0.0 and g[1].item() == 0.0 and torch.isfinite(g[3:]).all()
+            assert torch.equal(out[[0, 1]], want[[0, 1]])
+    assert torch.isnan(stock[2])
+
+
+@pytest.mark.parametrize("strategy", ["expectation", "mode", "random"])
+@pytest.mark.parametrize("noise", ["uniform", "triangular", "normal", "logistic"])
+def test_non_finite_inputs_through_a_quantiser_match_stock(noise, strategy):
+    import brevitas.nn as qnn
+    from brevitas.quant import SignedTernaryActPerTensorConst
+    import brevitas_ana
+    x = torch.tensor([[float("inf"), float("-inf"), float("nan"), 0.2, -3.0]])
+    stock = qnn.QuantIdentity(act_quant=SignedTernaryActPerTensorConst).train()
+    ana = qnn.QuantIdentity(act_quant=brevitas_ana.ana_quant(
+        SignedTernaryActPerTensorConst, config=brevitas_ana.AnaConfig(noise=noise,
+                                                                      strategy=strategy)))
+    brevitas_ana.set_sigma(ana.train(), 0.3)
+    want, got = stock(x), ana(x)
+    assert torch.equal(got[0, :2], want[0, :2]) and got[0, 0] == 1.0 and got[0, 1] == -1.0
+    assert torch.isnan(got[0, 2]) and torch.isnan(want[0, 2])

@@ -176,6 +176,42 @@ def test_missing_data_is_a_clear_error(tmp_path):
     assert "CIFAR-10 not found in" in error and "cifar-10-batches-py" in error
 
 
+def snapshot(folder: Path) -> dict:
+    """Every file under ``folder`` with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_second_run_never_destroys_the_first(tiny_cifar, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data-dir", tiny_cifar, "--epochs", "1", "--max-steps", "2", "--no-export",
+            "--output-dir", out] + QUICK
+    run(args)
+    before = snapshot(out)
+    error = main_error(args)  # the same command again
+    assert error.startswith(f"error: --output-dir: {out} is not empty (accuracy.png, checkpoints/")
+    assert "--resume latest" in error and "--overwrite" in error
+    assert snapshot(out) == before
+    # a launch that fails after the check (data missing) leaves the run byte for byte as it was
+    main_error(["--data-dir", tmp_path / "nodata", "--no-download", "--output-dir", out,
+                "--resume", "latest"] + QUICK)
+    assert snapshot(out) == before
+    assert not (tmp_path / "nodata").exists()
+    # --overwrite replaces it, and says what it removed
+    proc = run(args + ["--overwrite", "--seed", "1"])
+    assert "--overwrite: removed accuracy.png, checkpoints/, config.json" in proc.stderr
+    assert json.loads((out / "config.json").read_text())["run"]["seed"] == 1
+    assert "--resume and --overwrite exclude" in main_error(args + ["--overwrite", "--resume",
+                                                                      "latest"])
+
+
+def test_a_failed_start_writes_nothing(tmp_path):
+    main_error(["--data-dir", tmp_path / "nodata", "--no-download", "--output-dir",
+                tmp_path / "run"] + QUICK)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_corrupt_batch_is_named(tiny_cifar, tmp_path):
     (tiny_cifar / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
     error = main_error(["--data-dir", tiny_cifar, "--output-dir", tmp_path / "run"] + QUICK)
