@@ -182,7 +182,8 @@ def row_of(run, run_dir: Path) -> dict:
             "test_acc": res["test_acc"], "steps": res["steps"], "epochs": res["epochs"],
             "best_eval_acc": max(float(r["eval_acc"]) for r in metrics) if metrics else "",
             "train_images_per_s": res.get("train_images_per_s"),
-            "wall_time_s": res.get("wall_time_s"), "device": res.get("device"),
+            "train_time_s": res.get("train_time_s", res.get("wall_time_s")),
+            "device": res.get("device"),
             "torch": res.get("versions", {}).get("torch"), "run": run["name"]}
 
 

@@ -95,6 +95,56 @@ def checkpoints(run_dir: Path, complete: bool = True):
     return sorted(found, key=_number)
 
 
+def _check_file(path: Path):
+    """Read one file of a checkpoint whole; CheckpointError naming it when it is unreadable."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            load_file(str(path))
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.name != COMPLETE:  # accelerate's .bin / .pkl files are torch.save pickles
+            torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, corrupt, not what it says it is
+        first = next((line for line in str(e).splitlines() if line.strip()), "")[:160]
+        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {first})") from None
+
+
+REQUIRED = (("model.safetensors", "pytorch_model.bin"), ("optimizer.bin",),
+            ("random_states_0.pkl",))
+
+
+def verify_checkpoint(folder: Path):
+    """Every file of a checkpoint folder reads, and the ones a resume needs are there;
+    otherwise CheckpointError naming the file and the newest checkpoint that is usable."""
+    folder = Path(folder)
+    try:
+        for names in REQUIRED:
+            if not any((folder / n).is_file() for n in names):
+                raise CheckpointError(f"{folder / names[0]} is missing")
+        for path in sorted(folder.iterdir()):
+            if path.is_file():
+                _check_file(path)
+    except CheckpointError as e:
+        try:
+            older = [c for c in checkpoints(folder.parent.parent)
+                     if _number(c) < _number(folder)]
+        except ValueError:  # a folder given by path, outside a run's checkpoints/
+            older = []
+        usable = next((c for c in reversed(older) if _usable(c)), None)
+        hint = (f"the newest usable checkpoint is {usable} (--resume {usable})" if usable else
+                "no older checkpoint of this run is usable")
+        raise CheckpointError(f"{e}; {hint}") from None
+
+
+def _usable(folder: Path) -> bool:
+    try:
+        verify_checkpoint(folder)
+        return True
+    except CheckpointError:
+        return False
+
+
 def _weights_in(folder: Path) -> Optional[Path]:
     return next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
 

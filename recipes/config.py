@@ -311,9 +311,22 @@ def _check_file(path: str):
         raise ConfigError(f"{path}: {_message(e)}") from None
 
 
+def _as_typed(message: str, typed: List[str]) -> str:
+    """``optim.epochs: ...`` as ``--epochs: ...`` when the user gave the value as that flag."""
+    key, sep, rest = message.partition(": ")
+    flat_names = [k for k, v in FLAT.items() if v == key]
+    for flag in [f"--{key}"] + [f"--{n.replace('_', '-')}" for n in flat_names] + \
+            [f"--{n}" for n in flat_names]:
+        if any(t == flag or t.startswith(flag + "=") for t in typed):
+            return f"{flag}{sep}{rest}"
+    return message
+
+
 def parse_args(argv=None) -> RecipeConfig:
-    """``--config FILE ...`` then key overrides; ConfigError naming the file and key."""
-    argv = _translate([str(a) for a in (sys.argv[1:] if argv is None else argv)])
+    """``--config FILE ...`` then key overrides; ConfigError naming the file and key (or the
+    flag, when the bad value came from the command line)."""
+    typed = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    argv = _translate(typed)
     if "-h" in argv or "--help" in argv:
         parser().parse_args(["--help"])
     for i, arg in enumerate(argv):
@@ -325,8 +338,11 @@ def parse_args(argv=None) -> RecipeConfig:
     try:
         cfg = p.instantiate(p.parse_args(argv))
     except Exception as e:  # jsonargparse's ArgumentError and type errors
-        raise ConfigError(_message(e)) from None
-    return validate(_recipe(cfg))
+        raise ConfigError(_as_typed(_message(e), typed)) from None
+    try:
+        return validate(_recipe(cfg))
+    except ConfigError as e:
+        raise ConfigError(_as_typed(str(e), typed)) from None
 
 
 def to_dict(cfg: RecipeConfig) -> dict:

@@ -34,7 +34,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import brevitas_ana
 from brevitas_ana.recipes.config import ConfigError, flat, parse_args, to_dict
 from brevitas_ana.recipes.data import datasets
-from brevitas_ana.recipes.checkpoint import (COMPLETE, atomic_write, checkpoints, write_spec,
+from brevitas_ana.recipes.checkpoint import (COMPLETE, CheckpointError, atomic_write,
+                                             checkpoints, verify_checkpoint, write_spec,
                                              write_text)
 from brevitas_ana.recipes.models import create_model, model_spec
 from brevitas_ana.recipes.plot import plot_metrics
@@ -51,16 +52,22 @@ KILL_AT_STEP = int(os.environ.get("ANA_RECIPE_KILL_AT_STEP", "0"))
 
 
 class Progress:
-    """Epochs and optimiser steps done; checkpointed with the rest of the state."""
+    """Epochs and optimiser steps done, and the training images and seconds they took (over
+    every command that trained this run); checkpointed with the rest of the state."""
 
     def __init__(self):
         self.epoch, self.step = 0, 0
+        self.train_images, self.train_seconds = 0, 0.0
 
     def state_dict(self):
-        return {"epoch": self.epoch, "step": self.step}
+        return {"epoch": self.epoch, "step": self.step, "train_images": self.train_images,
+                "train_seconds": self.train_seconds}
 
     def load_state_dict(self, state):
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        # checkpoints written before these counters: unknown, not zero
+        self.train_images = int(state.get("train_images", 0))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
 
 
 def sqr_hinge_loss(logits, labels):
@@ -278,10 +285,12 @@ def _main(argv=None):
     if cfg.run.resume:
         try:
             ckpt = find_checkpoint(cfg.run.resume, run_dir)
+            verify_checkpoint(ckpt)  # every file, before anything is loaded
+        except (FileNotFoundError, CheckpointError) as e:
+            sys.exit(f"error: resume: {e}")
+        try:
             with brevitas_ana.keep_quant_modules():  # the optimiser holds the scale parameters
                 accelerator.load_state(str(ckpt))
-        except FileNotFoundError as e:
-            sys.exit(f"error: {e}")
         except Exception as e:
             sys.exit(f"error: resume: cannot load {cfg.run.resume!r} into a {cfg.model.name} "
                      f"(W{cfg.model.weight_bit_width}A{cfg.model.act_bit_width}, "
@@ -300,7 +309,7 @@ def _main(argv=None):
     # --- train ------------------------------------------------------------------------------
     main_proc = accelerator.is_local_main_process  # bars: main process, terminals only
     t_start = time.time()
-    train_images, train_seconds, agree = 0, 0.0, True
+    agree = True
     epoch_bar = tqdm(total=cfg.optim.epochs, initial=progress.epoch, desc="epochs", position=0,
                      disable=None if main_proc else True)
     max_steps = cfg.optim.max_steps
@@ -355,8 +364,8 @@ def _main(argv=None):
                                     reduction="sum")
         train_loss, train_acc = (totals[0] / totals[2]).item(), (100 * totals[1] / totals[2]).item()
         images_per_s = totals[2].item() / seconds
-        train_images += int(totals[2].item())
-        train_seconds += seconds
+        progress.train_images += int(totals[2].item())
+        progress.train_seconds += seconds
         eval_loss, eval_acc = evaluate(model, eval_dl, criterion, accelerator, "eval")
         agree = agree and rank_agreement(accelerator, net)
         progress.epoch += 1
@@ -392,8 +401,12 @@ def _main(argv=None):
             "config": to_dict(cfg), "test_acc": test_acc, "test_loss": test_loss,
             "epochs": progress.epoch, "steps": progress.step,
             "world_size": accelerator.num_processes, "ranks_agree": agree,
-            "wall_time_s": time.time() - t_start,
-            "train_images_per_s": train_images / train_seconds if train_seconds else None,
+            # training time over every command that trained this run (resumes included);
+            # this command's own wall time, evaluation and export included
+            "train_time_s": progress.train_seconds, "command_wall_time_s": time.time() - t_start,
+            "train_images_per_s": (progress.train_images / progress.train_seconds
+                                   if progress.train_seconds else None),
+            "test_images": len(test_set),
             "device": str(accelerator.device), "mixed_precision": cfg.run.mixed_precision,
             "versions": {"torch": torch.__version__, "brevitas": brevitas.__version__,
                          "brevitas_ana": brevitas_ana.__version__,
@@ -408,7 +421,8 @@ def _main(argv=None):
         if cfg.run.export:
             results["export"] = export_and_validate(net, test_set, run_dir, accelerator)
         write_json(run_dir / "results.json", results)
-        logger.info(f"test accuracy (exact quantised model): {test_acc:.2f}% -> "
+        logger.info(f"test accuracy (exact quantised model, {len(test_set)} test images): "
+                    f"{test_acc:.2f}% -> "
                           f"{run_dir / 'results.json'}")
     if not agree:
         sys.exit("error: processes ended with different parameters or noise")

@@ -68,7 +68,7 @@ def test_results_are_the_runs_own_and_reproduce_directly(tiny_cifar, tmp_path):
 @pytest.mark.parametrize("grid,match", [
     ("config=cnv_w9a9", "cnv_w9a9.yaml does not exist"),
     ("config=cnv_w2a2 preset", "expected key=value"),
-    ("config=cnv_w2a2 preset=sync", "ana.preset: must be one of"),
+    ("config=cnv_w2a2 preset=sync", "--preset: must be one of"),
     ("config=cnv_w2a2 lr=1 lr=2", "given twice"),
 ])
 def test_bad_grids_are_named(grid, match, tmp_path):

@@ -108,19 +108,20 @@ def test_vgg8_paper_setting():
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--preset", "sync"], r"^ana.preset: must be one of \['homogeneous'.*got sync"),
-    (["--noise", "gauss"], r"^ana.noise: unknown noise family 'gauss'"),
-    (["--epochs", "0"], r"^optim.epochs: must be an integer > 0, got 0"),
-    (["--epochs", "two"], r"^optim.epochs: must be an integer > 0, got two"),
-    (["--lr", "fast"], r"^optim.lr: must be a number >= 0, got fast"),
+    (["--preset", "sync"], r"^--preset: must be one of \['homogeneous'.*got sync"),
+    (["--noise", "gauss"], r"^--noise: unknown noise family 'gauss'"),
+    (["--epochs", "0"], r"^--epochs: must be an integer > 0, got 0"),
+    (["--epochs", "-1"], r"^--epochs: must be an integer > 0, got -1"),
+    (["--optim.epochs", "two"], r"^--optim.epochs: must be an integer > 0, got two"),
+    (["--lr", "fast"], r"^--lr: must be a number >= 0, got fast"),
     (["--config", "nowhere.yaml"], "nowhere.yaml does not exist"),
-    (["--anneal-end", "0"], r"^ana.anneal_end: must be in \(0, 1\]"),
-    (["--anneal-end", "1.5"], r"^ana.anneal_end: must be in \(0, 1\]"),
-    (["--backward", "smooth"], r"^ana.backward: must be one of"),
-    (["--sigma-grad-min", "-0.1"], r"^ana.sigma_grad_min: must be a number >= 0 or null"),
-    (["--sigma-grad-min", "nan"], r"^ana.sigma_grad_min: must be a number >= 0 or null"),
-    (["--sigma-grad-min", "inf"], r"^ana.sigma_grad_min: must be finite"),
-    (["--model", "vgg9"], r"^model.name: must be one of \['cnv', 'resnet18', 'vgg8'\]"),
+    (["--anneal-end", "0"], r"^--anneal-end: must be in \(0, 1\]"),
+    (["--anneal-end", "1.5"], r"^--anneal-end: must be in \(0, 1\]"),
+    (["--backward", "smooth"], r"^--backward: must be one of"),
+    (["--sigma-grad-min", "-0.1"], r"^--sigma-grad-min: must be a number >= 0 or null"),
+    (["--sigma-grad-min", "nan"], r"^--sigma-grad-min: must be a number >= 0 or null"),
+    (["--sigma-grad-min", "inf"], r"^--sigma-grad-min: must be finite"),
+    (["--model", "vgg9"], r"^--model: must be one of \['cnv', 'resnet18', 'vgg8'\]"),
 ])
 def test_bad_values_name_the_field(argv, match):
     with pytest.raises(ConfigError, match=match):
@@ -325,19 +326,37 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny_cifar, tmp
 @pytest.mark.slow
 def test_resume_errors(tiny_cifar, tmp_path):
     out = tmp_path / "run"
-    proc = run(["--data-dir", tiny_cifar, "--output-dir", out, "--resume", "latest"] + QUICK,
-               check=False)
-    assert proc.returncode != 0 and "no checkpoint in" in proc.stderr
-    run(["--data-dir", tiny_cifar, "--epochs", "1", "--no-export", "--output-dir", out] + QUICK)
+    error = main_error(["--data-dir", tiny_cifar, "--output-dir", out, "--resume", "latest"]
+                       + QUICK)
+    assert "no checkpoint in" in error
+    run(["--data-dir", tiny_cifar, "--epochs", "2", "--no-export", "--output-dir", out] + QUICK)
+    # resuming a finished run trains nothing more and keeps its training figures
+    before = json.loads((out / "results.json").read_text())
+    run(["--data-dir", tiny_cifar, "--epochs", "2", "--no-export", "--output-dir", out,
+         "--resume", "latest"] + QUICK)
+    after = json.loads((out / "results.json").read_text())
+    assert after["train_time_s"] == before["train_time_s"] > 0
+    assert after["train_images_per_s"] == before["train_images_per_s"] > 0
+    assert after["test_images"] == 40 and after["steps"] == before["steps"]
     proc = run(["--config", ROOT / "recipes/configs/vgg8_ternary.yaml", "--data-dir", tiny_cifar,
                 "--output-dir", tmp_path / "other", "--resume", out, "--epochs", "2"] + QUICK,
                check=False)
     assert proc.returncode != 0 and "resume: cannot load" in proc.stderr and "vgg8" in proc.stderr
-    ckpt = out / "checkpoints" / "checkpoint_1"
-    (ckpt / "model.safetensors").write_bytes(b"garbage")
-    proc = run(["--data-dir", tiny_cifar, "--output-dir", out, "--resume", "latest", "--epochs",
-                "2"] + QUICK, check=False)
-    assert proc.returncode != 0 and "resume: cannot load" in proc.stderr
+    # every file is checked before anything is loaded; the error names the file and the
+    # newest checkpoint that is usable
+    newest = out / "checkpoints" / "checkpoint_2"
+    states = (newest / "random_states_0.pkl").read_bytes()
+    (newest / "random_states_0.pkl").write_bytes(states[:len(states) // 2])  # truncated
+    resume = ["--data-dir", tiny_cifar, "--output-dir", out, "--resume", "latest", "--epochs",
+              "3", "--no-export"] + QUICK
+    error = main_error(resume)
+    assert f"{newest / 'random_states_0.pkl'} is unreadable" in error
+    assert f"the newest usable checkpoint is {out / 'checkpoints' / 'checkpoint_1'}" in error
+    (newest / "random_states_0.pkl").write_bytes(states)
+    (newest / "model.safetensors").write_bytes(b"garbage")
+    assert f"{newest / 'model.safetensors'} is unreadable" in main_error(resume)
+    (newest / "optimizer.bin").unlink()
+    assert f"{newest / 'optimizer.bin'} is missing" in main_error(resume)
 
 
 @pytest.mark.slow
