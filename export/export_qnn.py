@@ -202,6 +202,19 @@ def export_qnn(model: torch.nn.Module, images, output_dir, labels=None,
     ``passed`` is False when an export is beyond ``tolerance``, a quantised layer of the
     integer graph does not run as an integer kernel, or the saturation probe finds onnxruntime's
     integer kernels wrong on this machine."""
+    created = not Path(output_dir).exists()
+    try:
+        return _export(model, images, output_dir, labels, formats, tolerance, batch_size,
+                       input_description, name)
+    except BaseException:
+        out = Path(output_dir)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failed export leaves no empty folder behind
+        raise
+
+
+def _export(model, images, output_dir, labels, formats, tolerance, batch_size,
+            input_description, name) -> dict:
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise ExportError(f"formats: unknown {unknown or 'empty'}; choose from {list(FORMATS)}")

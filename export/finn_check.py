@@ -315,14 +315,17 @@ def inside(args) -> int:
 # --- command line -----------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="finn_check.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="finn_check.py", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("export_dir", nargs="?", help="an export folder (model_qonnx.onnx and "
                                                   "reference.npz, as export_qnn writes them)")
     p.add_argument("--qonnx", help="QONNX file (default: EXPORT_DIR/model_qonnx.onnx)")
     p.add_argument("--reference", help=".npz with images (N x C x H x W, pixels / 255), logits "
                                        "(PyTorch) and quantum (default: EXPORT_DIR/reference.npz)")
-    p.add_argument("--num-images", type=int, default=20)
-    p.add_argument("--max-quanta", type=float, default=1.0)
+    p.add_argument("--num-images", type=int, default=20,
+                   help="reference images run through every stage")
+    p.add_argument("--max-quanta", type=float, default=1.0,
+                   help="largest logit difference allowed, in output quanta")
     p.add_argument("--venv", default=str(DEFAULT_VENV), help="FINN's virtual environment "
                    "(created on first use)")
     p.add_argument("--keep", help="folder for each stage's graph and finn_report.json")

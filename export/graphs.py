@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -143,10 +144,21 @@ def qonnx_from_torch(model, example_input, dynamic_batch: bool = False) -> onnx.
     net = brevitas_ana.to_stock(copy.deepcopy(model)).eval().cpu()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "qonnx.onnx")
-        export_qonnx(net, args=example_input[:1].detach().cpu().float(), export_path=path,
-                     dynamo=False, opset_version=OPSET, input_names=[INPUT],
-                     output_names=[OUTPUT],
-                     dynamic_axes={INPUT: {0: "N"}, OUTPUT: {0: "N"}} if dynamic_batch else None)
+        try:
+            export_qonnx(net, args=example_input[:1].detach().cpu().float(), export_path=path,
+                         dynamo=False, opset_version=OPSET, input_names=[INPUT],
+                         output_names=[OUTPUT],
+                         dynamic_axes={INPUT: {0: "N"}, OUTPUT: {0: "N"}} if dynamic_batch
+                         else None)
+        except Exception as e:  # torch's exporter: one line naming the operator, not its trace
+            text = " ".join(str(e).split())
+            op = re.search(r"(aten::\w+|prim::\w+|onnx::\w+)", text)
+            what = f"operator {op.group(1)}" if op else f"this model ({text[:200]})"
+            raise ExportError(
+                f"the ONNX exporter (TorchScript, opset {OPSET}) cannot export {what}; replace "
+                f"the module that calls it with one made of exportable ops (timm attention: "
+                f"create the model with fused_attn=False, or set block.attn.fused_attn = "
+                f"False), or export the network without it") from None
         return cleanup_model(ModelWrapper(path)).model
 
 

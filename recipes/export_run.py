@@ -70,10 +70,20 @@ def _inputs(args, weights: Path):
                                      + RECIPE_INPUT)
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in --help, except where the text already says it or there is none."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="export_run.py", description="Export a trained QNN to QONNX, QCDQ ONNX and integer "
-        "ONNX, and validate each against the PyTorch model.")
+        prog="export_run.py", formatter_class=_Help,
+        description="Export a trained QNN to QONNX (FINN), QCDQ, integer and integer-only ONNX, "
+        "and validate each against the PyTorch model.")
     p.add_argument("--checkpoint", required=True,
                    help="run directory (model.pt or checkpoints/), checkpoint directory, or "
                         "weights file (.pt / .safetensors); the network comes from the "
@@ -81,18 +91,20 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", required=True, help="where the .onnx files and report go")
     p.add_argument("--config", help="recipe config (YAML/JSON) describing the network, for "
                                     "weights with no model_spec.json or config.json near them")
-    p.add_argument("--data-dir", help="folder holding cifar-10-batches-py; default: the run's "
-                                      "data_dir")
+    p.add_argument("--data-dir", help="folder holding cifar-10-batches-py (default: the "
+                                      "run's data_dir)")
     p.add_argument("--inputs", help="a .pt (tensor, or dict with images/labels) or .npy batch to "
                                     "validate on instead of CIFAR-10")
     p.add_argument("--num-images", type=int, default=None,
                    help="validate on the first N images (default: all)")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    p.add_argument("--batch-size", type=int, default=100,
+                   help="images per validation batch (memory, not results)")
+    p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS,
+                   help="which files to write and validate")
     p.add_argument("--min-agreement", type=float, default=100.0,
-                   help="tolerance: argmax agreement in %% (default 100)")
+                   help="tolerance: argmax agreement in %%")
     p.add_argument("--max-quanta", type=float, default=1.0,
-                   help="tolerance: largest logit difference in output quanta (default 1)")
+                   help="tolerance: largest logit difference in output quanta")
     args = p.parse_args(argv)
     for name in ("num_images", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:

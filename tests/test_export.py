@@ -444,3 +444,41 @@ def test_cli_bad_input_is_a_clear_error(case, trained_run, tmp_path):
     assert str(exit_.value.code).startswith("error: ") and expected in str(exit_.value.code)
     assert "\n" not in str(exit_.value.code)
     assert not list(tmp_path.rglob("*.onnx"))
+
+
+def test_help_shows_each_option_with_its_meaning_and_default(capsys):
+    from brevitas_ana.recipes import export_run
+    with pytest.raises(SystemExit):
+        export_run.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--checkpoint", "--output-dir", "--config", "--data-dir", "--inputs",
+                   "--num-images", "--batch-size", "--formats", "--min-agreement",
+                   "--max-quanta"):
+        assert option in text
+    assert "(default: 100)" in text and "(default: 100.0)" in text and "(default: 1.0)" in text
+    assert "(default: all)" in text and "(default: None)" not in text
+
+
+class Attention(nn.Module):
+    """A quantised projection followed by PyTorch's fused attention (as timm's ViT blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = qnn.QuantIdentity(act_quant=Int8ActPerTensorFloat)
+        self.qkv = qnn.QuantLinear(8, 24, bias=False)
+
+    def forward(self, x):
+        q, k, v = self.qkv(self.inp(x)).view(x.shape[0], 1, 4, 24).chunk(3, dim=-1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).flatten(1)
+
+
+def test_an_operator_the_exporter_cannot_handle_is_one_line_naming_it(tmp_path):
+    model = Attention().train()
+    with torch.no_grad():
+        model(torch.randn(4, 4, 8))
+    with pytest.raises(ExportError) as error:
+        export_qnn(model.eval(), torch.randn(2, 4, 8), tmp_path / "out")
+    message = str(error.value)
+    assert "aten::scaled_dot_product_attention" in message and "fused_attn=False" in message
+    assert "\n" not in message
+    assert not (tmp_path / "out").exists()  # no empty output folder left behind

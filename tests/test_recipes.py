@@ -387,3 +387,16 @@ def test_plot_cli_redraws(tiny_cifar, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
         "accuracy.png", "gradient.png", "loss.png", "sigma.png"]
+
+
+def test_recipe_help_shows_every_key_with_its_meaning_and_default(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for key, value in flat(RecipeConfig()).items():
+        section = to_dict(RecipeConfig())
+        flag = next(f"--{s}.{'name' if key == 'model' else key}" for s in section
+                    if ("name" if key == "model" else key) in section[s])
+        assert flag in text, flag
+    assert "training epochs (type: PositiveInt, default: 500)" in text
+    assert "noise family" in text and "default: uniform" in text
