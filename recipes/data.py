@@ -45,6 +45,9 @@ class CifarBatches(Dataset):
     """Images as uint8 CHW tensors and int labels, from CIFAR python pickles."""
 
     def __init__(self, folder: Path, train: bool, transform=None):
+        # random augmentation drawn per (seed, epoch, image): a resumed run, any number of
+        # data-loader workers and any process see the same crops and flips (set by the recipe)
+        self.seed, self.epoch = None, 0
         images, labels = [], []
         for name in TRAIN_FILES if train else TEST_FILES:
             path = Path(folder) / name
@@ -68,7 +71,21 @@ class CifarBatches(Dataset):
 
     def __getitem__(self, i):
         x = self.images[i]
-        return (self.transform(x) if self.transform else x), self.labels[i]
+        if self.transform is None:
+            return x, self.labels[i]
+        if self.seed is None:
+            return self.transform(x), self.labels[i]
+        with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_033 + int(i))
+                              % (2 ** 63))
+            return self.transform(x), self.labels[i]
+
+
+def seed_augmentation(dataset, seed: int, epoch: int):
+    """Draw ``dataset``'s augmentation from (seed, epoch, image index) (through Subsets)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    dataset.seed, dataset.epoch = seed, epoch
 
 
 def transforms(train: bool):

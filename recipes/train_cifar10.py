@@ -33,7 +33,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import brevitas_ana
 from brevitas_ana.recipes.config import ConfigError, flat, parse_args, to_dict
-from brevitas_ana.recipes.data import datasets
+from brevitas_ana.recipes.data import datasets, seed_augmentation
 from brevitas_ana.recipes.checkpoint import (COMPLETE, CheckpointError, atomic_write,
                                              checkpoints, verify_checkpoint, write_spec,
                                              write_text)
@@ -232,8 +232,9 @@ def _main(argv=None):
                                                      cfg.run.seed)
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
+    # workers start afresh each epoch: they copy the dataset with that epoch's augmentation seed
     loader = dict(batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers,
-                  persistent_workers=cfg.data.num_workers > 0)
+                  persistent_workers=False)
     train_dl = DataLoader(train_set, shuffle=True, drop_last=True, **loader)
     eval_dl = DataLoader(eval_set, shuffle=False, **loader)
     test_dl = DataLoader(test_set, shuffle=False, **loader)
@@ -317,6 +318,7 @@ def _main(argv=None):
         model.train()
         if hasattr(train_dl, "set_epoch"):
             train_dl.set_epoch(progress.epoch)
+        seed_augmentation(train_set, cfg.run.seed, progress.epoch)
         loss_sum = torch.zeros((), device=accelerator.device)
         correct = torch.zeros((), device=accelerator.device)
         seen, t0 = 0, time.time()

@@ -290,8 +290,10 @@ def test_bf16_mixed_precision_on_cpu(tiny_cifar, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny_cifar, tmp_path):
-    args = ["--data-dir", tiny_cifar, "--epochs", "3", "--no-export"] + QUICK
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(workers, tiny_cifar, tmp_path):
+    args = ["--data-dir", tiny_cifar, "--epochs", "3", "--no-export", "--batch-size", "16",
+            "--num-workers", str(workers)]
     run(args + ["--output-dir", tmp_path / "straight"])
     out = tmp_path / "killed"
     # 7 steps per epoch: step 10 is in the middle of epoch 2
