@@ -436,8 +436,11 @@ class AnaController:
             return
         saved, mine = state["config"], self._config()
         diff = [k for k in mine if k in saved and saved[k] != mine[k]]
+        if len(diff) > 1 and "schedules" in diff:
+            diff.remove("schedules")  # derived from the others: name the cause only
         if diff:
             raise ValueError("state: saved controller differs in " + ", ".join(
-                f"{k} (saved {saved[k]!r}, here {mine[k]!r})" for k in diff))
+                f"{k}" if k == "schedules" else f"{k} (saved {saved[k]!r}, here {mine[k]!r})"
+                for k in diff))
         self.step_count = int(state["step_count"])
         self.apply()

@@ -100,6 +100,22 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path:
     return path
 
 
+def saved_controller(resume: str, run_dir: Path):
+    """The controller config saved in the checkpoint a resume will load, or None."""
+    try:
+        ckpt = find_checkpoint(resume, run_dir)
+    except FileNotFoundError:
+        return None
+    for path in sorted(ckpt.glob("custom_checkpoint_*.pkl")):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception:  # reported by verify_checkpoint with its file name
+            return None
+        if isinstance(state, dict) and {"step_count", "config"} <= set(state):
+            return state["config"]
+    return None
+
+
 def save_checkpoint(accelerator, epoch: int, spec: dict):
     """accelerate names the folder (``checkpoint_<epoch>``, ProjectConfiguration's automatic
     naming) and keeps the newest ``keep_checkpoints`` (its ``total_limit``). It writes in
@@ -265,6 +281,16 @@ def _main(argv=None):
     total_steps = cfg.optim.epochs * steps_per_epoch
     if cfg.optim.max_steps:
         total_steps = min(total_steps, cfg.optim.max_steps)
+    saved = saved_controller(cfg.run.resume, run_dir) if cfg.run.resume else None
+    if saved is not None and saved["total_steps"] != total_steps:
+        # extending (or shortening) a run: the annealing keeps the end it was planned with;
+        # added epochs train noise-free
+        if cfg.optim.lr_schedule == "cosine":
+            sys.exit("error: --epochs: a run with lr_schedule cosine cannot change its length "
+                     "(the cosine period is the original run's); use step or multistep")
+        logger.info(f"resume with {cfg.optim.epochs} epochs: the annealing keeps its planned "
+                    f"end ({saved['total_steps']} steps); steps past it train noise-free")
+        total_steps = saved["total_steps"]
     controller = None
     if cfg.model.quantiser == "ana":
         try:
@@ -293,10 +319,10 @@ def _main(argv=None):
             with brevitas_ana.keep_quant_modules():  # the optimiser holds the scale parameters
                 accelerator.load_state(str(ckpt))
         except Exception as e:
+            first = " ".join(str(e).split())[:400]
             sys.exit(f"error: resume: cannot load {cfg.run.resume!r} into a {cfg.model.name} "
                      f"(W{cfg.model.weight_bit_width}A{cfg.model.act_bit_width}, "
-                     f"{cfg.model.quantiser}) run: "
-                     f"{type(e).__name__}: {e}")
+                     f"{cfg.model.quantiser}) run: {type(e).__name__}: {first}")
         logger.info(f"resumed from {ckpt} at epoch {progress.epoch}, step {progress.step}")
     # --- the run starts: only now is anything in the run directory written or removed ------
     if accelerator.is_main_process:

@@ -402,3 +402,23 @@ def test_recipe_help_shows_every_key_with_its_meaning_and_default(capsys):
         assert flag in text, flag
     assert "training epochs (type: PositiveInt, default: 500)" in text
     assert "noise family" in text and "default: uniform" in text
+
+
+@pytest.mark.slow
+def test_a_finished_run_can_be_extended(tiny_cifar, tmp_path):
+    """--resume latest --epochs N on a finished run: the annealing keeps its planned end, the
+    added epochs train noise-free; a changed schedule is a short error naming the field."""
+    out = tmp_path / "run"
+    base = ["--data-dir", tiny_cifar, "--no-export", "--output-dir", out] + QUICK
+    run(base + ["--epochs", "2"])
+    planned = [float(r["sigma/conv_features.0"]) for r in rows(out)]
+    error = main_error(base + ["--epochs", "3", "--resume", "latest", "--preset", "progressive"])
+    assert "preset (saved 'homogeneous', here 'progressive')" in error and len(error) < 400
+    proc = run(base + ["--epochs", "3", "--resume", "latest"])
+    assert "the annealing keeps its planned end" in proc.stderr
+    table = rows(out)
+    assert [int(r["epoch"]) for r in table] == [1, 2, 3]
+    assert [float(r["sigma/conv_features.0"]) for r in table[:2]] == planned
+    assert all(float(v) == 0.0 for k, v in table[2].items() if k.startswith("sigma/"))
+    results = json.loads((out / "results.json").read_text())
+    assert results["epochs"] == 3 and results["steps"] == 3 * 7
