@@ -28,6 +28,38 @@ def _column(rows, key):
     return [float(r[key]) if r.get(key) not in (None, "") else float("nan") for r in rows]
 
 
+def _epoch_axis(ax, epochs):
+    """Integer epochs with half an epoch of margin: one epoch is a point, not a lone dot on a
+    padded axis."""
+    if epochs:
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        ax.set_xticks(range(int(min(epochs)), int(max(epochs)) + 1,
+                            max(1, int(len(epochs) // 10))))
+
+
+def draw_sigma(ax, rows, epochs):
+    """sigma per group at each epoch end: input side first (dark to light), markers so a single
+    epoch shows, symmetric-log scale so the small late values and the annealed-away zero (the
+    marked floor) are all readable."""
+    import matplotlib
+    keys = [k for k in rows[0] if k.startswith("sigma/")]
+    colours = matplotlib.colormaps["viridis"]
+    for i, k in enumerate(keys):
+        ax.plot(epochs, _column(rows, k), marker="o", markersize=4,
+                color=colours(i / max(1, len(keys) - 1)),
+                label=("input side: " if i == 0 else "") + k[len("sigma/"):])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("sigma at epoch end (steps)")
+    ax.set_title("ANA noise per group" if keys else "no ANA quantisers (STE run)")
+    if keys:
+        ax.set_yscale("symlog", linthresh=1e-3)
+        top = max([v for k in keys for v in _column(rows, k) if v == v] + [1e-2])
+        ax.set_ylim(-2e-4, top * 2)  # no negative half: sigma >= 0
+        ax.axhline(0.0, color="grey", linewidth=0.8, linestyle=":", label="0: noise-free")
+        ax.legend(fontsize="x-small", ncol=2)
+    _epoch_axis(ax, epochs)
+
+
 def plot_metrics(csv_path, out_dir=None):
     """Write the three PNGs next to ``csv_path`` (or into ``out_dir``); returns their paths."""
     import matplotlib
@@ -47,21 +79,15 @@ def plot_metrics(csv_path, out_dir=None):
                     label=k.replace("_", " ") + (" (noise-free)" if k.startswith("eval") else ""))
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
+        _epoch_axis(ax, epochs)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
         written.append(out_dir / f"{name}.png")
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
-    sigma_keys = [k for k in rows[0] if k.startswith("sigma/")]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for k in sigma_keys:
-        ax.plot(epochs, _column(rows, k), label=k[len("sigma/"):])
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("sigma at epoch end (steps)")
-    ax.set_title("ANA noise per group" if sigma_keys else "no ANA quantisers (STE run)")
-    if sigma_keys:
-        ax.legend(fontsize="x-small", ncol=2)
+    draw_sigma(ax, rows, epochs)
     fig.tight_layout()
     written.append(out_dir / "sigma.png")
     fig.savefig(written[-1], dpi=120)
@@ -80,6 +106,7 @@ def plot_metrics(csv_path, out_dir=None):
         bottom.set_yscale("log")
         bottom.set_ylabel("weight gradient norm")
         bottom.set_xlabel("epoch")
+        _epoch_axis(bottom, epochs)
         top.set_title("gradient health per ANA group")
         bottom.legend(fontsize="x-small", ncol=2)
         fig.tight_layout()

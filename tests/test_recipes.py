@@ -422,3 +422,24 @@ def test_a_finished_run_can_be_extended(tiny_cifar, tmp_path):
     assert all(float(v) == 0.0 for k, v in table[2].items() if k.startswith("sigma/"))
     results = json.loads((out / "results.json").read_text())
     assert results["epochs"] == 3 and results["steps"] == 3 * 7
+
+
+def test_sigma_plot_is_readable_after_one_epoch(tmp_path):
+    """One epoch: markers (not a lone invisible point), integer epoch axis with half an epoch of
+    margin, symmetric-log sigma with the noise-free zero marked, input side labelled first."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from brevitas_ana.recipes.plot import draw_sigma, plot_metrics
+    rows = [{"epoch": "1", "sigma/conv_features.0": "0.02", "sigma/linear_features.9": "0.0"}]
+    fig, ax = plt.subplots()
+    draw_sigma(ax, rows, [1.0])
+    assert ax.get_yscale() == "symlog" and ax.get_xlim() == (0.5, 1.5)
+    lines = ax.get_lines()
+    assert all(line.get_marker() == "o" for line in lines[:2])
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[0] == "input side: conv_features.0" and "0: noise-free" in labels
+    plt.close(fig)
+    csv_path = tmp_path / "metrics.csv"
+    csv_path.write_text("epoch,train_acc,eval_acc,train_loss,eval_loss,sigma/a\n1,10,11,2,2,0.1\n")
+    assert {p.name for p in plot_metrics(csv_path)} == {"accuracy.png", "loss.png", "sigma.png"}
