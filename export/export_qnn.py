@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from brevitas_ana.export import graphs, int_only, runtime
 from brevitas_ana.export.graphs import ExportError
-from brevitas_ana.export.validate import Tolerance, compare, table
+from brevitas_ana.export.validate import Tolerance, compare
 
 FORMATS = ("qonnx", "qcdq", "int", "int_only")
 REFERENCE_IMAGES = 100  # images kept in reference.npz

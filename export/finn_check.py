@@ -177,7 +177,6 @@ def _stage(name, model):
     from qonnx.transformation.infer_shapes import InferShapes
     from qonnx.transformation.lower_convs_to_matmul import LowerConvsToMatMul
     from qonnx.util.cleanup import cleanup_model
-    import finn.transformation.fpgadataflow.convert_to_hw as to_hw  # noqa: F401
     from finn.transformation.fpgadataflow.convert_to_hw.binary_matrix_vector_activation import \
         InferBinaryMatrixVectorActivation
     from finn.transformation.fpgadataflow.convert_to_hw.conv_inp_gen import InferConvInpGen

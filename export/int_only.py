@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from brevitas_ana.export.graphs import LAYOUT_OPS, ExportError, Graph, Layer, _attrs, _finish
+from brevitas_ana.export.graphs import ExportError, Graph, Layer, _finish
 
 # Float ops that may sit between an accumulator and its activation quantiser: monotone per
 # channel, with constant parameters.
