@@ -29,8 +29,6 @@ from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 import brevitas_ana
 from brevitas_ana.recipes.models import list_models
 
-HERE = Path(__file__).resolve().parent
-CONFIGS = HERE / "configs"
 
 
 class ConfigError(ValueError):
@@ -177,7 +175,6 @@ class RecipeConfig:
     run: RunSection = field(default_factory=RunSection)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(RecipeConfig)}
 _CLASSES = {"model": ModelSection, "ana": AnaSection, "optim": OptimSection,
             "data": DataSection, "run": RunSection}
 # the flat flag of every key: --epochs is --optim.epochs, --model is --model.name

@@ -103,9 +103,13 @@ def create_model(name: str, **kwargs) -> nn.Module:
         raise ValueError(f"model {name!r}: {e}") from None
 
 
-def _ana_or_stock(model: nn.Module, quantiser: str, ana: Optional[dict]) -> nn.Module:
+def _check_quantiser(quantiser: str):
     if quantiser not in ("ana", "ste"):
         raise ValueError(f"quantiser: must be 'ana' or 'ste', got {quantiser!r}")
+
+
+def _ana_or_stock(model: nn.Module, quantiser: str, ana: Optional[dict]) -> nn.Module:
+    _check_quantiser(quantiser)
     return (brevitas_ana.to_ana(model, brevitas_ana.AnaConfig(**(ana or {})))
             if quantiser == "ana" else model)
 
@@ -130,14 +134,10 @@ def vgg8(quantiser: str = "ana", ana: Optional[dict] = None) -> nn.Module:
 def resnet18(weight_bit_width: int = 4, act_bit_width: int = 4, quantiser: str = "ana",
              ana: Optional[dict] = None) -> nn.Module:
     """timm's resnet18 for 32x32 inputs (:func:`resnet18_cifar`), ANA or stock quantisers."""
+    _check_quantiser(quantiser)
     model = resnet18_cifar(weight_bit_width, act_bit_width,
                            config=brevitas_ana.AnaConfig(**(ana or {})))
-    if quantiser not in ("ana", "ste"):
-        raise ValueError(f"quantiser: must be 'ana' or 'ste', got {quantiser!r}")
     return model if quantiser == "ana" else brevitas_ana.to_stock(model)
-
-
-MODELS = tuple(list_models())
 
 
 def model_spec(model: str, weight_bit_width: int = 2, act_bit_width: int = 2,
