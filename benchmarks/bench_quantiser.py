@@ -12,6 +12,7 @@ Peak memory is the high-water mark of the bytes the step allocates beyond what w
 (CPU: replayed from torch.profiler's allocation events; CUDA: torch.cuda.max_memory_allocated).
 
     python benchmarks/bench_quantiser.py                 # all bit widths, sigma 0.5 and 2.0
+    python benchmarks/bench_quantiser.py --noise all     # the four families, one table
     python benchmarks/bench_quantiser.py --bits 2 --sigmas 0.5 --noise normal --repeats 5
     python benchmarks/bench_quantiser.py --backward exact floor --sigmas 0 0.1 0.5 --health
 
@@ -100,7 +101,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bits", type=int, nargs="+", default=[1, 2, 4, 8], choices=sorted(BITS))
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.5, 2.0])
-    p.add_argument("--noise", default="uniform", choices=brevitas_ana.noise.noise_families())
+    p.add_argument("--noise", nargs="+", default=["uniform"],
+                   choices=brevitas_ana.noise.noise_families() + ("all",),
+                   help="noise families to compare with stock ('all': every registered one)")
     p.add_argument("--strategy", default="expectation",
                    choices=brevitas_ana.functional.STRATEGIES)
     p.add_argument("--backward", nargs="+", default=["exact"],
@@ -114,6 +117,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    noises = brevitas_ana.noise.noise_families() if "all" in args.noise else args.noise
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -122,18 +126,19 @@ def main(argv=None):
     labels = torch.randint(0, 10, (args.batch_size,), device=device)
 
     print(f"CNV training step, batch {args.batch_size}x3x32x32, device {device}, "
-          f"torch threads {torch.get_num_threads()}, noise {args.noise}, "
+          f"torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
           f"strategy {args.strategy}, {args.repeats} interleaved repeats (median)"
           + (", gradient-health hooks on ANA" if args.health else ""))
-    header = (f"{'config':>6} {'sigma':>6} {'backward':>8} {'stock ms':>9} {'ANA ms':>9} "
+    header = (f"{'config':>6} {'noise':>10} {'sigma':>6} {'backward':>8} {'stock ms':>9} {'ANA ms':>9} "
               f"{'time ratio':>10} {'stock MiB':>9} {'ANA MiB':>9} {'mem ratio':>9}")
     print(header)
     print("-" * len(header))
-    for bits in args.bits:
+    summary = {}  # (noise, sigma, backward) -> {bits: (time ratio, memory ratio)}
+    for bits, noise in ((b, n) for b in args.bits for n in noises):
         wbits, abits = BITS[bits]
         torch.manual_seed(0)
         stock = build_cnv(wbits, abits).to(device).train()
-        ana = build_cnv(wbits, abits, ana=True, ana_noise=args.noise,
+        ana = build_cnv(wbits, abits, ana=True, ana_noise=noise,
                         ana_strategy=args.strategy).to(device).train()
         stock(images)  # initialise runtime-stats scales before copying them over
         ana.load_state_dict(stock.state_dict())
@@ -162,9 +167,19 @@ def main(argv=None):
                     times[k].append(time.perf_counter() - t0)
             t_stock, t_ana = (statistics.median(times[k]) for k in ("stock", "ana"))
             m_stock, m_ana = (peak_bytes(steps[k], device) for k in ("stock", "ana"))
-            print(f"{f'W{wbits}A{abits}':>6} {sigma:>6g} {backward:>8} {1e3 * t_stock:>9.1f} "
-                  f"{1e3 * t_ana:>9.1f} {t_ana / t_stock:>10.3f} {m_stock / 2**20:>9.1f} "
-                  f"{m_ana / 2**20:>9.1f} {m_ana / m_stock:>9.3f}", flush=True)
+            print(f"{f'W{wbits}A{abits}':>6} {noise:>10} {sigma:>6g} {backward:>8} "
+                  f"{1e3 * t_stock:>9.1f} {1e3 * t_ana:>9.1f} {t_ana / t_stock:>10.3f} "
+                  f"{m_stock / 2**20:>9.1f} {m_ana / 2**20:>9.1f} {m_ana / m_stock:>9.3f}",
+                  flush=True)
+            summary.setdefault((noise, sigma, backward), {})[bits] = (t_ana / t_stock,
+                                                                      m_ana / m_stock)
+    print("\nANA / stock, time ratio / memory ratio (markdown):\n")
+    print("| noise | sigma | backward | " + " | ".join(f"W{BITS[b][0]}A{BITS[b][1]}"
+                                                    for b in args.bits) + " |")
+    print("| --- | --- | --- |" + " --- |" * len(args.bits))
+    for (noise, sigma, backward), row in summary.items():
+        print(f"| {noise} | {sigma:g} | {backward} | " + " | ".join(
+            f"{row[b][0]:.2f} / {row[b][1]:.2f}" for b in args.bits) + " |")
 
 
 if __name__ == "__main__":

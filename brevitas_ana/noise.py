@@ -45,10 +45,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from brevitas_ana.fused import fused
 
 __all__ = ["NoiseFamily", "register_noise", "get_noise", "noise_families"]
 
@@ -74,6 +76,15 @@ class NoiseFamily:
             ``E[clamp(round(u + e), lo, hi)]`` (``e`` of standard deviation ``sigma``) that replaces
             the generic sum over thresholds; ``dE/du`` may be a tensor or a pair
             ``(integer-valued tensor, float factor)`` whose product is the slope.
+        charfn: optional characteristic function ``phi(t) = E[cos(t z)]`` of the standardised
+            family (a Python float of a float; real because the family is symmetric). With it the
+            sum over the thresholds of an interior stretch is a Fourier series whose terms fall as
+            ``phi(2 pi m sigma)`` (:func:`brevitas_ana.functional.expectation_and_slope`), so the
+            cost stops growing with the bit width and ``sigma``.
+        cdf_integral: optional ``Psi(z) = integral_{-inf}^{z} F``; with ``pdf_derivatives`` it
+            gives the Euler-Maclaurin form of the whole clamped sum for large ``sigma``
+            (:func:`brevitas_ana.functional.euler_maclaurin`).
+        pdf_derivatives: optional ``(z, n) -> [f(z), f'(z), ..., f^(n)(z)]``.
     """
 
     name: str
@@ -85,6 +96,9 @@ class NoiseFamily:
     bounded: bool = False
     default_sigma: Optional[float] = None
     expectation: Optional[Callable[[Tensor, int, int, float], Tuple[Tensor, Tensor]]] = None
+    charfn: Optional[Callable[[float], float]] = None
+    cdf_integral: Optional[Callable[[Tensor], Tensor]] = None
+    pdf_derivatives: Optional[Callable[[Tensor, int], List[Tensor]]] = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -188,6 +202,11 @@ def _uniform_expectation(u: Tensor, lo: int, hi: int, sigma: float):
     ``(m, 1 / 2a)``: ``m`` is a small integer, so backward can keep it in one byte.
     """
     a = _SQRT3 * sigma
+    value, counts = fused(_uniform_kernel, u, lo, hi, a)
+    return value, (counts, 0.5 / a)
+
+
+def _uniform_kernel(u: Tensor, lo: int, hi: int, a: float):
     inv_2a = 0.5 / a
     # beyond [lo - a - 1, hi + a + 1] E is the end level and the slope 0; clamping there keeps
     # +-inf from becoming inf * 0 = NaN (NaN stays NaN, as in Brevitas' clamp(round(x)))
@@ -195,11 +214,11 @@ def _uniform_expectation(u: Tensor, lo: int, hi: int, sigma: float):
     if hi - lo == 1:  # one threshold (binary): E = lo + F, the slope is 1/2a inside the support
         d = u - (lo + 0.5)
         value = torch.mul(d, inv_2a).add_(0.5).clamp_(0.0, 1.0).add_(lo)
-        return value, (d.abs_() < a, inv_2a)
+        return value, d.abs_() < a
     b0 = torch.add(u, 0.5 - a).floor_().clamp_(lo, hi)
     m = torch.add(u, 0.5 + a).floor_().clamp_(lo, hi).sub_(b0)
     value = torch.sub(u, b0).add_(a).add_(m, alpha=-0.5).mul_(m).mul_(inv_2a).add_(b0)
-    return value, (m, inv_2a)
+    return value, m
 
 
 register_noise(NoiseFamily(
@@ -228,6 +247,50 @@ def _triangular_icdf(p: Tensor) -> Tensor:
     return t * _SQRT6
 
 
+def _triangular_expectation(u: Tensor, lo: int, hi: int, sigma: float):
+    """Closed form for triangular noise of half-width ``b = sqrt(6) sigma``.
+
+    A threshold at distance ``d = u - t_k`` contributes ``F = 1`` for ``d >= b``,
+    ``1 - (b - d)^2 / 2b^2`` for ``0 < d < b``, ``(b + d)^2 / 2b^2`` for ``-b < d <= 0`` and 0 below;
+    its slope is ``(b - |d|) / b^2`` inside the support. The thresholds of each piece are a
+    contiguous run ``k = c .. c + n - 1`` (clamped to ``lo .. hi - 1``), so each piece is a sum of
+    squares of an arithmetic progression. With ``c0 <= c1 <= c2`` the first threshold index at
+    distance ``< b``, ``< 0`` and ``<= -b`` (each clamped to ``[lo, hi]``), ``nB = c1 - c0``,
+    ``nC = c2 - c1``, ``pB = b - (u - c0 - 1/2)`` and ``pC = b + (u - c1 - 1/2)`` (both in
+    ``[0, b]``), and ``S2(p, n, s) = n p^2 + s p n (n - 1) + (n - 1) n (2n - 1) / 6``:
+
+        E     = c0 + nB - S2(pB, nB, +1) / 2b^2 + S2(pC, nC, -1) / 2b^2
+        dE/du = (nB pB + nB (nB - 1) / 2) / b^2 + (nC pC - nC (nC - 1) / 2) / b^2
+
+    Exact (no truncation) at O(1) cost per element for every bit width and ``sigma``; every term is
+    of the order of the window, so nothing cancels catastrophically at 8 bits.
+    """
+    return fused(_triangular_kernel, u, lo, hi, sigma)
+
+
+def _triangular_kernel(u: Tensor, lo: int, hi: int, sigma: float):
+    b = _SQRT6 * sigma
+    inv_2b2 = 0.5 / (b * b)
+    # beyond [lo - b - 1, hi + b + 1] E is the end level and the slope 0; clamping keeps +-inf out
+    u = u.clamp(lo - b - 1.0, hi + b + 1.0)
+    c0 = torch.add(u, -0.5 - b).ceil_().clamp_(lo, hi)
+    c1 = torch.add(u, -0.5).ceil_().clamp_(lo, hi)
+    nC = torch.add(u, b - 0.5).ceil_().clamp_(lo, hi).sub_(c1)
+    nB = c1 - c0
+    pB = torch.sub(c0, u).add_(b + 0.5)
+    pC = torch.sub(u, c1).add_(b - 0.5)
+    # n (n - 1) / 2 and (n - 1) n (2n - 1) / 6 of each run
+    tB, tC = nB * (nB - 1.0) * 0.5, nC * (nC - 1.0) * 0.5
+    qB = tB * (2.0 * nB - 1.0) / 3.0
+    qC = tC * (2.0 * nC - 1.0) / 3.0
+    # S2 = n p^2 +- 2 p T + Q, with T = n (n - 1) / 2
+    sB = (pB * nB + 2.0 * tB) * pB + qB
+    sC = (pC * nC - 2.0 * tC) * pC + qC
+    value = (sC - sB) * inv_2b2 + nB + c0
+    slope = (pB * nB + tB + pC * nC - tC) * (2.0 * inv_2b2)
+    return value, slope
+
+
 register_noise(NoiseFamily(
     name="triangular",
     cdf=_triangular_cdf,
@@ -236,19 +299,36 @@ register_noise(NoiseFamily(
     icdf=_triangular_icdf,
     reference_scale=_SQRT6,
     bounded=True,
+    expectation=_triangular_expectation,
 ))
 
 # --- normal: truncated at 6 standard deviations ----------------------------------------------
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
+def _normal_pdf_derivatives(z: Tensor, n: int) -> List[Tensor]:
+    # f^(k) = (-1)^k He_k(z) f(z), He_{k+1} = z He_k - k He_{k-1} (probabilists' Hermite)
+    f = torch.square(z).mul_(-0.5).exp_().mul_(_INV_SQRT2PI)
+    out, h_prev, h = [f], torch.ones_like(z), z
+    for k in range(1, n + 1):
+        out.append(h * f if k % 2 == 0 else -(h * f))
+        h_prev, h = h, z * h - k * h_prev
+    return out
+
+
 register_noise(NoiseFamily(
     name="normal",
-    cdf=lambda z: 0.5 * (1.0 + torch.erf(z * _INV_SQRT2)),
-    pdf=lambda z: torch.exp(-0.5 * z * z) * _INV_SQRT2PI,
+    # erf, not torch.special.ndtr: the compiler fuses erf into the closed form's kernel
+    cdf=lambda z: torch.mul(z, _INV_SQRT2).erf_().add_(1.0).mul_(0.5),
+    pdf=lambda z: torch.square(z).mul_(-0.5).exp_().mul_(_INV_SQRT2PI),
     support=6.0,
     icdf=lambda p: math.sqrt(2.0) * torch.erfinv(2.0 * p - 1.0),
     reference_scale=1.0,
+    charfn=lambda t: math.exp(-0.5 * t * t),
+    # integral of Phi: z Phi(z) + phi(z)
+    cdf_integral=lambda z: torch.mul(z, _INV_SQRT2).erf_().add_(1.0).mul_(0.5).mul_(z).add_(
+        torch.square(z).mul_(-0.5).exp_().mul_(_INV_SQRT2PI)),
+    pdf_derivatives=_normal_pdf_derivatives,
 ))
 
 # --- logistic: scale s = sqrt(3)/pi gives unit variance; truncated at 11.5 std ----------------
@@ -256,15 +336,51 @@ _LOGISTIC_S = _SQRT3 / math.pi
 
 
 def _logistic_pdf(z: Tensor) -> Tensor:
-    F = torch.sigmoid(z / _LOGISTIC_S)
-    return F * (1.0 - F) / _LOGISTIC_S
+    F = torch.sigmoid(z * (1.0 / _LOGISTIC_S))
+    return (1.0 - F).mul_(F).mul_(1.0 / _LOGISTIC_S)
+
+
+def _logistic_charfn(t: float) -> float:
+    # E[cos(t z)] of the logistic of scale s: pi s t / sinh(pi s t)
+    x = math.pi * _LOGISTIC_S * abs(t)
+    if x < 1e-8:
+        return 1.0
+    return x / math.sinh(x) if x < 700.0 else 0.0
+
+
+def _logistic_polynomials(n: int) -> List[List[float]]:
+    # f^(k)(z) = Q_k(w) / s^(k+1) with w = F(z): Q_0 = w (1 - w), Q_{k+1} = Q_k'(w) w (1 - w)
+    Q = [[0.0, 1.0, -1.0]]
+    for _ in range(n):
+        d = [i * c for i, c in enumerate(Q[-1])][1:]
+        nxt = [0.0] * (len(d) + 2)
+        for i, c in enumerate(d):  # times w - w^2
+            nxt[i + 1] += c
+            nxt[i + 2] -= c
+        Q.append(nxt)
+    return Q
+
+
+def _logistic_pdf_derivatives(z: Tensor, n: int) -> List[Tensor]:
+    w = torch.sigmoid(z * (1.0 / _LOGISTIC_S))
+    out = []
+    for k, q in enumerate(_logistic_polynomials(n)):
+        acc = torch.full_like(w, q[-1])
+        for c in reversed(q[:-1]):
+            acc = acc * w + c
+        out.append(acc * (1.0 / _LOGISTIC_S ** (k + 1)))
+    return out
 
 
 register_noise(NoiseFamily(
     name="logistic",
-    cdf=lambda z: torch.sigmoid(z / _LOGISTIC_S),
+    cdf=lambda z: torch.sigmoid(z * (1.0 / _LOGISTIC_S)),
     pdf=_logistic_pdf,
     support=11.5,
     icdf=lambda p: _LOGISTIC_S * torch.logit(p),
     reference_scale=_LOGISTIC_S,
+    charfn=_logistic_charfn,
+    # integral of the logistic CDF: s softplus(z / s)
+    cdf_integral=lambda z: torch.nn.functional.softplus(z * (1.0 / _LOGISTIC_S)) * _LOGISTIC_S,
+    pdf_derivatives=_logistic_pdf_derivatives,
 ))

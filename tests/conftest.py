@@ -1,8 +1,14 @@
+import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# The quantisers' closed forms run eagerly in the suite (compiling each of the hundreds of
+# configurations the tests build would take longer than the tests); tests/test_fused.py checks the
+# compiled kernels against the eager ones. BREVITAS_ANA_COMPILE=1 runs the whole suite compiled.
+os.environ.setdefault("BREVITAS_ANA_COMPILE", "0")
 
 
 def write_tiny_cifar(root: Path, per_batch: int = 24, test_size: int = 40, seed: int = 0) -> Path:

@@ -9,8 +9,6 @@ from scipy import integrate, stats
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from brevitas_ana import NoiseFamily, ana_round, register_noise
-from brevitas_ana.functional import expectation_and_slope, slope_tensor
-from brevitas_ana.noise import get_noise
 
 FAMILIES = ["uniform", "triangular", "normal", "logistic"]
 
@@ -170,22 +168,6 @@ def test_vanishing_sigma_is_annealed_not_nan(family, dtype):
     assert torch.isfinite(y.grad).all() and (y.grad > 1000).all()
 
 
-@pytest.mark.parametrize("family", ["normal", "logistic"])
-@pytest.mark.parametrize("sigma", [0.05, 1.0, 3.0])
-def test_truncation_error_within_documented_bound(family, sigma):
-    fam = get_noise(family)
-    lo, hi = -128, 127
-    u = torch.linspace(-140, 140, 5601, dtype=torch.float64)
-    value, slope = expectation_and_slope(fam, u, lo, hi, sigma)
-    z = [(u - (k + 0.5)) / sigma for k in range(lo, hi)]
-    full = lo + sum(fam.cdf(t) for t in z)
-    full_slope = sum(fam.pdf(t) for t in z) / sigma
-    tail = 1 - fam.cdf(torch.tensor(fam.support, dtype=torch.float64)).item()
-    f_r = fam.pdf(torch.tensor(fam.support, dtype=torch.float64)).item()
-    assert (value - full).abs().max() <= 2 * tail * (1 + sigma)
-    assert (slope_tensor(slope) - full_slope).abs().max() <= 2 * (f_r / sigma + tail)
-
-
 class _MaxNumel(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -217,7 +199,8 @@ def test_backward_saves_one_compact_tensor():
         saved.append(t)
         return t
 
-    for family, dtype in [("uniform", torch.uint8), ("normal", torch.float32)]:
+    for family, dtype in [("uniform", torch.uint8), ("normal", torch.float16),
+                          ("triangular", torch.float16), ("logistic", torch.float16)]:
         saved.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             ana_round(y, -128, 127, family, 0.7)
