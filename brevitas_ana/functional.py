@@ -386,12 +386,12 @@ def _direct_sum(family: NoiseFamily, u: Tensor, lo: int, hi: int, sigma: float,
     """Case 4 of :func:`expectation_and_slope`."""
     # thresholds that can lie within support * sigma of u
     width = int(math.floor(2.0 * family.support * sigma)) + 2
-    if hi - lo <= width:
+    # A compiled loop is specialised to its length: round it up (to a power of two up to 8, a
+    # multiple of 8 beyond), so that an annealed sigma compiles a handful of lengths, not one per
+    # step (the extra thresholds are beyond the noise's reach: F = 0 within the truncation bound)
+    width = 1 << (width - 1).bit_length() if width <= 8 else -(-width // 8) * 8
+    if hi - lo <= width:  # every threshold: no window arithmetic, no masks
         return fused(_all_thresholds, u, family, lo, hi, sigma, want_value, want_slope)
-    # A compiled loop is specialised to its length: round it up to a power of two, so that an
-    # annealed sigma compiles a handful of lengths, not one per step (the extra thresholds are
-    # beyond the noise's reach: F = 0 within the truncation bound, f too)
-    width = min(1 << (width - 1).bit_length(), hi - lo)
     return fused(_window, u, family, lo, hi, sigma, width, want_value, want_slope)
 
 
