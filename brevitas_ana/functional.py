@@ -384,12 +384,13 @@ def _window(u: Tensor, family: NoiseFamily, lo: int, hi: int, sigma: float, widt
 def _direct_sum(family: NoiseFamily, u: Tensor, lo: int, hi: int, sigma: float,
                 want_value: bool = True, want_slope: bool = True):
     """Case 4 of :func:`expectation_and_slope`."""
-    # thresholds that can lie within support * sigma of u
-    width = int(math.floor(2.0 * family.support * sigma)) + 2
-    # A compiled loop is specialised to its length: round it up (to a power of two up to 8, a
-    # multiple of 8 beyond), so that an annealed sigma compiles a handful of lengths, not one per
-    # step (the extra thresholds are beyond the noise's reach: F = 0 within the truncation bound)
-    width = 1 << (width - 1).bit_length() if width <= 8 else -(-width // 8) * 8
+    # thresholds that can lie within R = support * sigma of u: a closed interval of length 2R
+    # holds at most floor(2R) + 1 points of the half-integer lattice
+    width = int(math.floor(2.0 * family.support * sigma)) + 1
+    # A compiled loop is specialised to its length: beyond 8, round it up to a multiple of 8, so
+    # that an annealed sigma compiles a handful of lengths, not one per step (the extra
+    # thresholds are beyond the noise's reach: F = 0 within the truncation bound)
+    width = width if width <= 8 else -(-width // 8) * 8
     if hi - lo <= width:  # every threshold: no window arithmetic, no masks
         return fused(_all_thresholds, u, family, lo, hi, sigma, want_value, want_slope)
     return fused(_window, u, family, lo, hi, sigma, width, want_value, want_slope)
