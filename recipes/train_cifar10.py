@@ -452,8 +452,20 @@ def _main(argv=None):
         logger.info(f"test accuracy (exact quantised model, {len(test_set)} test images): "
                     f"{test_acc:.2f}% -> "
                           f"{run_dir / 'results.json'}")
-    if not agree:
-        sys.exit("error: processes ended with different parameters or noise")
+    error = None if agree else "error: processes ended with different parameters or noise"
+    if accelerator.num_processes > 1:
+        # Leave without tearing gloo down: freeing DDP's reducer joins gloo's worker threads while
+        # holding the GIL, and a worker still freeing its last tensor waits for that GIL, so a
+        # finished run sometimes never returns (seen with torch 2.5 to 2.8 on CPUs). Everything
+        # is written and the trackers are closed by now.
+        if error:
+            print(error, file=sys.stderr)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1 if error else 0)
+    if error:
+        sys.exit(error)
 
 
 if __name__ == "__main__":
