@@ -129,8 +129,9 @@ def main(argv=None):
           f"torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
           f"strategy {args.strategy}, {args.repeats} interleaved repeats (median)"
           + (", gradient-health hooks on ANA" if args.health else ""))
-    header = (f"{'config':>6} {'noise':>10} {'sigma':>6} {'backward':>8} {'stock ms':>9} {'ANA ms':>9} "
-              f"{'time ratio':>10} {'stock MiB':>9} {'ANA MiB':>9} {'mem ratio':>9}")
+    header = (f"{'config':>6} {'noise':>10} {'sigma':>6} {'backward':>8} {'stock ms':>9} "
+              f"{'ANA ms':>9} {'time ratio':>10} {'stock MiB':>9} {'ANA MiB':>9} "
+              f"{'mem ratio':>9}")
     print(header)
     print("-" * len(header))
     summary = {}  # (noise, sigma, backward) -> {bits: (time ratio, memory ratio)}

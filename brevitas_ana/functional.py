@@ -121,18 +121,18 @@ def series_terms(family: NoiseFamily, sigma: float) -> Optional[Tuple[List[float
         return None
     phis = []
     for m in range(1, SERIES_MAX_TERMS + 64):
-        phis.append(abs(family.charfn(2.0 * math.pi * m * sigma)))
-        if phis[-1] < 1e-30:
+        phis.append(family.charfn(2.0 * math.pi * m * sigma))
+        if m == SERIES_MAX_TERMS + 1 and 2.0 * abs(phis[-1]) > SERIES_TOL:
+            return None  # the omitted tail would exceed the tolerance at any M allowed
+        if abs(phis[-1]) < 1e-30:
             break
     else:
         return None
     tail, M = 0.0, len(phis)
-    while M > 0 and 2.0 * (tail + phis[M - 1]) <= SERIES_TOL:
-        tail += phis[M - 1]
+    while M > 0 and 2.0 * (tail + abs(phis[M - 1])) <= SERIES_TOL:
+        tail += abs(phis[M - 1])
         M -= 1
-    if M > SERIES_MAX_TERMS:
-        return None
-    return [family.charfn(2.0 * math.pi * m * sigma) for m in range(1, M + 1)], 2.0 * tail
+    return phis[:M], 2.0 * tail
 
 
 def _chebyshev(M: int):
@@ -257,22 +257,7 @@ def em_terms(family: NoiseFamily, sigma: float) -> Optional[Tuple[List[float], f
     return None
 
 
-def _euler_maclaurin(u: Tensor, family: NoiseFamily, lo: int, hi: int, sigma: float,
-                     coeffs: List[float]):
-    R = family.support * sigma
-    u = u.clamp(lo - 0.5 - R, hi + 0.5 + R)
-    z_lo, z_hi = (u - lo) / sigma, (u - hi) / sigma
-    value = (family.cdf_integral(z_lo) - family.cdf_integral(z_hi)) * sigma + lo
-    slope = family.cdf(z_lo) - family.cdf(z_hi)
-    d_lo = family.pdf_derivatives(z_lo, 2 * len(coeffs))
-    d_hi = family.pdf_derivatives(z_hi, 2 * len(coeffs))
-    for p, c in enumerate(coeffs, start=1):
-        value = value - (d_hi[2 * p - 2] - d_lo[2 * p - 2]) * (c / sigma ** (2 * p - 1))
-        slope = slope - (d_hi[2 * p - 1] - d_lo[2 * p - 1]) * (c / sigma ** (2 * p))
-    return value, slope
-
-
-def euler_maclaurin(family: NoiseFamily, u: Tensor, lo: int, hi: int, sigma: float,
+def euler_maclaurin(u: Tensor, family: NoiseFamily, lo: int, hi: int, sigma: float,
                     coeffs: List[float]) -> Tuple[Tensor, Tensor]:
     """The whole clamped sum in closed form (midpoint Euler-Maclaurin over the thresholds
     ``t_k = k + 1/2``, ``k = lo .. hi - 1``; ``G(x) = F((u - x)/sigma)``, ``z_b = (u - b)/sigma``):
@@ -284,9 +269,20 @@ def euler_maclaurin(family: NoiseFamily, u: Tensor, lo: int, hi: int, sigma: flo
     with ``Psi = int F``, ``c_p = B_2p(1/2) / (2p)!`` and the remainder bounds of
     :func:`em_terms`; ``u`` is first clamped to ``support * sigma`` beyond the range (the direct
     sum's truncation). Cost: two evaluations of ``Psi``, ``F`` and ``2P`` derivatives of ``f``,
-    whatever the bit width.
+    whatever the bit width. ``u`` comes first: the function is compiled as it stands
+    (:func:`brevitas_ana.fused.fused`).
     """
-    return _euler_maclaurin(u, family, lo, hi, sigma, coeffs)
+    R = family.support * sigma
+    u = u.clamp(lo - 0.5 - R, hi + 0.5 + R)
+    z_lo, z_hi = (u - lo) / sigma, (u - hi) / sigma
+    value = (family.cdf_integral(z_lo) - family.cdf_integral(z_hi)) * sigma + lo
+    slope = family.cdf(z_lo) - family.cdf(z_hi)
+    d_lo = family.pdf_derivatives(z_lo, 2 * len(coeffs))
+    d_hi = family.pdf_derivatives(z_hi, 2 * len(coeffs))
+    for p, c in enumerate(coeffs, start=1):
+        value = value - (d_hi[2 * p - 2] - d_lo[2 * p - 2]) * (c / sigma ** (2 * p - 1))
+        slope = slope - (d_hi[2 * p - 1] - d_lo[2 * p - 1]) * (c / sigma ** (2 * p))
+    return value, slope
 
 
 def expectation_and_slope(family: NoiseFamily, u: Tensor, lo: int, hi: int, sigma: float,
@@ -311,8 +307,8 @@ def expectation_and_slope(family: NoiseFamily, u: Tensor, lo: int, hi: int, sigm
        the thresholds within ``R`` of ``u``, one pass over ``u`` per threshold offset (never a
        #thresholds x N tensor); the ones below the window count exactly 1, the ones above 0.
 
-    Cases 1, 2, 4 and the inside of 3 are elementwise and run fused (:func:`brevitas_ana.fused.fused`), so each is
-    one kernel whatever its number of terms.
+    Cases 1, 2, 4 and the inside of 3 are elementwise and run fused
+    (:func:`brevitas_ana.fused.fused`), so each is one kernel whatever its number of terms.
 
     Either result is ``None`` when not wanted. The slope may come factored from a closed form as
     ``(counts, factor)``; :func:`slope_tensor` multiplies it out.
@@ -327,7 +323,7 @@ def expectation_and_slope(family: NoiseFamily, u: Tensor, lo: int, hi: int, sigm
         return (value if want_value else None, slope if want_slope else None)
     em = em_terms(family, sigma) if n > 2 else None
     if em is not None:
-        value, slope = fused(_euler_maclaurin, u, family, lo, hi, sigma, em[0])
+        value, slope = fused(euler_maclaurin, u, family, lo, hi, sigma, em[0])
         return (value if want_value else None, slope if want_slope else None)
     R = family.support * sigma
     # the series pays off where most of the range is farther than R from both ends; elsewhere

@@ -251,8 +251,8 @@ def _triangular_expectation(u: Tensor, lo: int, hi: int, sigma: float):
     """Closed form for triangular noise of half-width ``b = sqrt(6) sigma``.
 
     A threshold at distance ``d = u - t_k`` contributes ``F = 1`` for ``d >= b``,
-    ``1 - (b - d)^2 / 2b^2`` for ``0 < d < b``, ``(b + d)^2 / 2b^2`` for ``-b < d <= 0`` and 0 below;
-    its slope is ``(b - |d|) / b^2`` inside the support. The thresholds of each piece are a
+    ``1 - (b - d)^2 / 2b^2`` for ``0 < d < b``, ``(b + d)^2 / 2b^2`` for ``-b < d <= 0`` and 0
+    below; its slope is ``(b - |d|) / b^2`` inside the support. The thresholds of each piece are a
     contiguous run ``k = c .. c + n - 1`` (clamped to ``lo .. hi - 1``), so each piece is a sum of
     squares of an arithmetic progression. With ``c0 <= c1 <= c2`` the first threshold index at
     distance ``< b``, ``< 0`` and ``<= -b`` (each clamped to ``[lo, hi]``), ``nB = c1 - c0``,
@@ -306,9 +306,19 @@ register_noise(NoiseFamily(
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
+
+def _normal_cdf(z: Tensor) -> Tensor:
+    # erf, not torch.special.ndtr: the compiler fuses erf into the closed form's kernel
+    return torch.mul(z, _INV_SQRT2).erf_().add_(1.0).mul_(0.5)
+
+
+def _normal_pdf(z: Tensor) -> Tensor:
+    return torch.square(z).mul_(-0.5).exp_().mul_(_INV_SQRT2PI)
+
+
 def _normal_pdf_derivatives(z: Tensor, n: int) -> List[Tensor]:
     # f^(k) = (-1)^k He_k(z) f(z), He_{k+1} = z He_k - k He_{k-1} (probabilists' Hermite)
-    f = torch.square(z).mul_(-0.5).exp_().mul_(_INV_SQRT2PI)
+    f = _normal_pdf(z)
     out, h_prev, h = [f], torch.ones_like(z), z
     for k in range(1, n + 1):
         out.append(h * f if k % 2 == 0 else -(h * f))
@@ -318,16 +328,14 @@ def _normal_pdf_derivatives(z: Tensor, n: int) -> List[Tensor]:
 
 register_noise(NoiseFamily(
     name="normal",
-    # erf, not torch.special.ndtr: the compiler fuses erf into the closed form's kernel
-    cdf=lambda z: torch.mul(z, _INV_SQRT2).erf_().add_(1.0).mul_(0.5),
-    pdf=lambda z: torch.square(z).mul_(-0.5).exp_().mul_(_INV_SQRT2PI),
+    cdf=_normal_cdf,
+    pdf=_normal_pdf,
     support=6.0,
     icdf=lambda p: math.sqrt(2.0) * torch.erfinv(2.0 * p - 1.0),
     reference_scale=1.0,
     charfn=lambda t: math.exp(-0.5 * t * t),
     # integral of Phi: z Phi(z) + phi(z)
-    cdf_integral=lambda z: torch.mul(z, _INV_SQRT2).erf_().add_(1.0).mul_(0.5).mul_(z).add_(
-        torch.square(z).mul_(-0.5).exp_().mul_(_INV_SQRT2PI)),
+    cdf_integral=lambda z: _normal_cdf(z).mul_(z).add_(_normal_pdf(z)),
     pdf_derivatives=_normal_pdf_derivatives,
 ))
 
@@ -335,8 +343,12 @@ register_noise(NoiseFamily(
 _LOGISTIC_S = _SQRT3 / math.pi
 
 
+def _logistic_cdf(z: Tensor) -> Tensor:
+    return torch.sigmoid(z * (1.0 / _LOGISTIC_S))
+
+
 def _logistic_pdf(z: Tensor) -> Tensor:
-    F = torch.sigmoid(z * (1.0 / _LOGISTIC_S))
+    F = _logistic_cdf(z)
     return (1.0 - F).mul_(F).mul_(1.0 / _LOGISTIC_S)
 
 
@@ -361,10 +373,16 @@ def _logistic_polynomials(n: int) -> List[List[float]]:
     return Q
 
 
+# computed once (derivative orders up to 16 cover every Euler-Maclaurin use), not per call
+_LOGISTIC_Q = _logistic_polynomials(16)
+
+
 def _logistic_pdf_derivatives(z: Tensor, n: int) -> List[Tensor]:
-    w = torch.sigmoid(z * (1.0 / _LOGISTIC_S))
+    if n >= len(_LOGISTIC_Q):
+        raise ValueError(f"logistic pdf_derivatives: order {n} > {len(_LOGISTIC_Q) - 1}")
+    w = _logistic_cdf(z)
     out = []
-    for k, q in enumerate(_logistic_polynomials(n)):
+    for k, q in enumerate(_LOGISTIC_Q[:n + 1]):
         acc = torch.full_like(w, q[-1])
         for c in reversed(q[:-1]):
             acc = acc * w + c
@@ -374,7 +392,7 @@ def _logistic_pdf_derivatives(z: Tensor, n: int) -> List[Tensor]:
 
 register_noise(NoiseFamily(
     name="logistic",
-    cdf=lambda z: torch.sigmoid(z * (1.0 / _LOGISTIC_S)),
+    cdf=_logistic_cdf,
     pdf=_logistic_pdf,
     support=11.5,
     icdf=lambda p: _LOGISTIC_S * torch.logit(p),

@@ -103,7 +103,7 @@ def test_euler_maclaurin_covers_large_sigma_within_its_bound(family):
         assert bound_v <= SERIES_TOL and bound_s <= SERIES_TOL and 1 <= len(coeffs) <= 5
         for lo, hi in ((-2, 1), (0, 15), (-128, 127)):
             u = torch.linspace(lo - 30, hi + 30, 4001, dtype=torch.float64)
-            value, slope = euler_maclaurin(fam, u, lo, hi, sigma, coeffs)
+            value, slope = euler_maclaurin(u, fam, lo, hi, sigma, coeffs)
             want_value, want_slope = direct(fam, u, lo, hi, sigma)
             L = torch.tensor(fam.support, dtype=torch.float64)
             tail = 1 - fam.cdf(L).item()
