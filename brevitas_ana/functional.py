@@ -194,14 +194,86 @@ def periodic_expectation(u: Tensor, phis: List[float]) -> Tuple[Tensor, Tensor]:
     return _periodic(u, *_series_polynomials(phis))
 
 
-def _series_inside(u: Tensor, lo: int, hi: int, R: float, pv: List[float], ps: List[float]):
-    # the series, and the end levels (slope 0) at least R beyond the clamp range
-    value, slope = _periodic(u, pv, ps)
+def tail_terms(R: float) -> int:
+    """How many thresholds past a stair's end can be within the noise's reach ``R`` of an element
+    on the inside: ``ceil(R - 1/2)``, rounded up to a multiple of 4 beyond 8 (a compiled loop is
+    specialised to its length: an annealed sigma compiles a handful of lengths, not one per step;
+    the extra thresholds are beyond the reach, ``F = 0`` within the truncation bound)."""
+    J = max(int(math.ceil(R - 0.5)), 1)
+    return J if J <= 8 else -(-J // 4) * 4
+
+
+def series_with_ends(u: Tensor, family: NoiseFamily, lo: int, hi: int, sigma: float, J: int,
+                     k: float, tail_c: List[float], pv: List[float], ps: List[float]
+                     ) -> Tuple[Tensor, Tensor]:
+    """The clamped sum from the unclamped stair's Fourier series (:func:`periodic_expectation`)
+    and the thresholds past the nearer end ``e`` (``lo`` below the middle, ``hi`` above it):
+
+        E     = B(u) + s C(|u - e|),     C(a) = sum_{j>=0} F((-a - 1/2 - j) / sigma)
+        dE/du = B'(u) + s sign(u - e) C'(a)
+
+    with ``s = +1`` at ``lo`` and ``-1`` at ``hi``, and ``B`` the series ``P(u)`` inside
+    ``[lo, hi]``, the end level ``e`` (slope 0) outside it. Inside, ``C`` adds back the thresholds
+    below ``lo`` the series counted as missing (or takes out those above ``hi``); outside, the
+    stair is its end level plus the thresholds towards the inside. ``C`` sums its first ``J``
+    terms one by one and the rest as ``sum_m c_m exp(-k (a + 1/2 + J))^m`` (``tail_c``, the
+    family's ``tail_series``; without one, ``J >= R - 1/2`` terms reach past the noise's reach
+    ``R`` and ``tail_c`` is empty). Exact up to the series' bound, the tail series' bound and the
+    truncation bound of the direct sum when every element is within ``R`` of one end at most
+    (:func:`expectation_and_slope` uses it for ``hi - lo >= 2R + 1``). Cost: one sin, one cos,
+    the series' ``2M`` multiply-adds and ``J`` evaluations of ``F`` and ``f`` (plus one exp and
+    the tail polynomial), whatever the bit width. ``u`` comes first: the function is compiled as
+    it stands (:func:`brevitas_ana.fused.fused`).
+    """
+    inv_sigma = 1.0 / sigma
+    R = family.support * sigma
+    value_p, slope_p = _periodic(u, pv, ps)
+    lower = u < 0.5 * (lo + hi)
+    e = torch.where(lower, lo, hi).to(u.dtype)
+    # a beyond R adds nothing within the truncation bound; clamping keeps +-inf out (NaN stays)
+    a = (u - e).abs_().clamp_max_(R)
+    tail, tail_slope = torch.zeros_like(u), torch.zeros_like(u)  # C(a), -C'(a) >= 0
+    for j in range(J):
+        z = _in_reach(torch.neg(a).sub_(0.5 + j).mul_(inv_sigma), family)
+        tail = tail + family.cdf(z)
+        tail_slope = tail_slope + family.pdf(z)
+    tail_slope = tail_slope * inv_sigma
+    if tail_c:
+        y = torch.add(a, 0.5 + J).mul_(-k).exp_()
+        acc_v = torch.full_like(u, tail_c[-1])
+        acc_s = torch.full_like(u, len(tail_c) * tail_c[-1])
+        for m in range(len(tail_c) - 1, 0, -1):
+            acc_v = acc_v * y + tail_c[m - 1]
+            acc_s = acc_s * y + m * tail_c[m - 1]
+        tail = tail + acc_v * y
+        tail_slope = tail_slope + acc_s * y * k
+    inside = (u >= lo) & (u <= hi)
+    value = torch.where(inside, value_p, e) + torch.where(lower, tail, -tail)
+    # s sign(u - e) C'(a): -C' inside the range, +C' (the direct sum) outside it
+    slope = torch.where(inside, slope_p - tail_slope, tail_slope)
+    return _end_levels(u, value, slope, lo, hi, R)
+
+
+def _in_reach(z: Tensor, family: NoiseFamily) -> Tensor:
+    """``z`` clamped to ``+-2 support``: ``F`` and ``f`` there differ from their limits by
+    ``F(-2 support)`` (normal 1e-32, logistic 8e-19), far below the truncation bound, and ``exp``
+    and ``erf`` never underflow. Underflowing arguments take the vector math library's slow path:
+    without the clamp a wide input (most activations sit far outside a 4-bit range in steps)
+    made the same kernel 2-3x slower."""
+    return z.clamp(-2.0 * family.support, 2.0 * family.support)
+
+
+def _end_levels(u: Tensor, value: Optional[Tensor], slope: Optional[Tensor], lo: int, hi: int,
+                R: float):
+    """Exactly ``lo`` / ``hi`` (slope 0) where every threshold is beyond the reach ``R``: a
+    kernel's terms there are ``F(-2 support)``-small but not 0, and Brevitas' clamp(round(x))
+    gives exact end levels (``+-inf`` included). NaN stays NaN."""
     below, above = u <= lo - 0.5 - R, u >= hi + 0.5 + R
-    value = value.masked_fill_(below, lo).masked_fill_(above, hi)
-    slope = slope.masked_fill_(below | above, 0.0)
-    near = ((u < lo - 0.5 + R) | (u > hi + 0.5 - R)) & ~(below | above)
-    return value, slope, near
+    if value is not None:
+        value = torch.where(below, lo, torch.where(above, hi, value))
+    if slope is not None:
+        slope = torch.where(below | above, 0.0, slope)
+    return value, slope
 
 
 #: At most this many Euler-Maclaurin correction terms (derivatives of f up to order 2 * 5):
@@ -236,9 +308,11 @@ def _em_constants(family: NoiseFamily):
     return _EM_CACHE[family]
 
 
-def em_terms(family: NoiseFamily, sigma: float) -> Optional[Tuple[List[float], float, float]]:
-    """Euler-Maclaurin coefficients ``c_p = B_2p(1/2) / (2p)!``, ``p = 1 .. P``, for the smallest
-    ``P`` whose remainder bounds are within ``SERIES_TOL``, and those bounds (value, slope):
+def em_terms(family: NoiseFamily, sigma: float
+             ) -> Optional[Tuple[List[float], List[float], float, float]]:
+    """Euler-Maclaurin coefficients for the smallest ``P`` whose remainder bounds are within
+    ``SERIES_TOL``: ``a_p = c_p / sigma^(2p-1)`` (value) and ``b_p = c_p / sigma^(2p)`` (slope),
+    ``c_p = B_2p(1/2) / (2p)!``, ``p = 1 .. P``, and those bounds (value, slope):
 
         |R_P|  <= 2 zeta(2P) / (2 pi)^(2P) * I_(2P-1) / sigma^(2P-1)
         |R_P'| <= 2 zeta(2P) / (2 pi)^(2P) * I_(2P)   / sigma^(2P)
@@ -246,6 +320,8 @@ def em_terms(family: NoiseFamily, sigma: float) -> Optional[Tuple[List[float], f
     (``|periodic B_2P| <= |B_2P| = 2 zeta(2P) (2P)! / (2 pi)^(2P)``; ``I_k = int |f^(k)|``).
     ``None`` when the family lacks ``cdf_integral`` or ``pdf_derivatives``, or no ``P <=
     EM_MAX_TERMS`` is enough (small sigma: the terms grow like ``k! / (2 pi sigma)^k``).
+    The powers of sigma are taken here, once: inside the compiled kernel each would be a scalar
+    ``pow`` per vector of elements (measured 4x slower).
     """
     if family.cdf_integral is None or family.pdf_derivatives is None:
         return None
@@ -253,36 +329,41 @@ def em_terms(family: NoiseFamily, sigma: float) -> Optional[Tuple[List[float], f
         bound_v = c * I_v / sigma ** (2 * P - 1)
         bound_s = c * I_s / sigma ** (2 * P)
         if bound_v <= SERIES_TOL and bound_s <= SERIES_TOL:
-            return coeffs, bound_v, bound_s
+            return ([cp / sigma ** (2 * p - 1) for p, cp in enumerate(coeffs, start=1)],
+                    [cp / sigma ** (2 * p) for p, cp in enumerate(coeffs, start=1)],
+                    bound_v, bound_s)
     return None
 
 
 def euler_maclaurin(u: Tensor, family: NoiseFamily, lo: int, hi: int, sigma: float,
-                    coeffs: List[float]) -> Tuple[Tensor, Tensor]:
+                    value_coeffs: List[float], slope_coeffs: List[float]
+                    ) -> Tuple[Tensor, Tensor]:
     """The whole clamped sum in closed form (midpoint Euler-Maclaurin over the thresholds
     ``t_k = k + 1/2``, ``k = lo .. hi - 1``; ``G(x) = F((u - x)/sigma)``, ``z_b = (u - b)/sigma``):
 
-        E     = lo + sigma (Psi(z_lo) - Psi(z_hi))
-                   - sum_p c_p sigma^-(2p-1) (f^(2p-2)(z_hi) - f^(2p-2)(z_lo))
-        dE/du = F(z_lo) - F(z_hi) - sum_p c_p sigma^-2p (f^(2p-1)(z_hi) - f^(2p-1)(z_lo))
+        E     = lo + sigma (Psi(z_lo) - Psi(z_hi)) - sum_p a_p (f^(2p-2)(z_hi) - f^(2p-2)(z_lo))
+        dE/du = F(z_lo) - F(z_hi) - sum_p b_p (f^(2p-1)(z_hi) - f^(2p-1)(z_lo))
 
-    with ``Psi = int F``, ``c_p = B_2p(1/2) / (2p)!`` and the remainder bounds of
-    :func:`em_terms`; ``u`` is first clamped to ``support * sigma`` beyond the range (the direct
-    sum's truncation). Cost: two evaluations of ``Psi``, ``F`` and ``2P`` derivatives of ``f``,
-    whatever the bit width. ``u`` comes first: the function is compiled as it stands
-    (:func:`brevitas_ana.fused.fused`).
+    with ``Psi = int F``, ``a_p = c_p / sigma^(2p-1)``, ``b_p = c_p / sigma^(2p)``, ``c_p =
+    B_2p(1/2) / (2p)!`` (:func:`em_terms`, with the remainder bounds); ``u`` is first clamped to
+    ``support * sigma`` beyond the range (the direct sum's truncation). Cost: two evaluations of
+    ``Psi``, ``F`` and ``2P`` derivatives of ``f``, whatever the bit width. ``u`` comes first:
+    the function is compiled as it stands (:func:`brevitas_ana.fused.fused`).
     """
     R = family.support * sigma
     u = u.clamp(lo - 0.5 - R, hi + 0.5 + R)
     z_lo, z_hi = (u - lo) / sigma, (u - hi) / sigma
-    value = (family.cdf_integral(z_lo) - family.cdf_integral(z_hi)) * sigma + lo
+    # Psi(z) = max(z, 0) + Psi(-|z|) (F symmetric): only the tail's argument needs clamping
+    psi = [torch.relu(z) + family.cdf_integral(_in_reach(-z.abs(), family)) for z in (z_lo, z_hi)]
+    value = (psi[0] - psi[1]) * sigma + lo
+    z_lo, z_hi = _in_reach(z_lo, family), _in_reach(z_hi, family)
     slope = family.cdf(z_lo) - family.cdf(z_hi)
-    d_lo = family.pdf_derivatives(z_lo, 2 * len(coeffs))
-    d_hi = family.pdf_derivatives(z_hi, 2 * len(coeffs))
-    for p, c in enumerate(coeffs, start=1):
-        value = value - (d_hi[2 * p - 2] - d_lo[2 * p - 2]) * (c / sigma ** (2 * p - 1))
-        slope = slope - (d_hi[2 * p - 1] - d_lo[2 * p - 1]) * (c / sigma ** (2 * p))
-    return value, slope
+    d_lo = family.pdf_derivatives(z_lo, 2 * len(value_coeffs))
+    d_hi = family.pdf_derivatives(z_hi, 2 * len(value_coeffs))
+    for p, (a, b) in enumerate(zip(value_coeffs, slope_coeffs), start=1):
+        value = value - (d_hi[2 * p - 2] - d_lo[2 * p - 2]) * a
+        slope = slope - (d_hi[2 * p - 1] - d_lo[2 * p - 1]) * b
+    return _end_levels(u, value, slope, lo, hi, R)
 
 
 def expectation_and_slope(family: NoiseFamily, u: Tensor, lo: int, hi: int, sigma: float,
@@ -297,18 +378,18 @@ def expectation_and_slope(family: NoiseFamily, u: Tensor, lo: int, hi: int, sigm
        when ``sigma`` is large enough for at most ``EM_MAX_TERMS`` terms: the Euler-Maclaurin
        form of the whole clamped sum (:func:`euler_maclaurin`), error bound from
        :func:`em_terms` plus the truncation bound (inputs clamped to ``R`` beyond the range);
-    3. for families with a characteristic function, when the stair is much wider than the noise's
-       reach ``R = support * sigma`` (``hi - lo >= 8 R``): the Fourier series of the unclamped
-       stair (:func:`periodic_expectation`) for every element at least ``R`` inside the clamp
-       range, the end level (slope 0) for every element at least ``R`` beyond it, and the direct
-       sum below for the rest, the elements within ``R`` of the stair's two ends. Error: the
-       series' bound plus the direct sum's truncation bound (:mod:`brevitas_ana.noise`);
+    3. for families with a characteristic function, when every element is within the noise's
+       reach ``R = support * sigma`` of one end of the stair at most (``hi - lo >= 2R + 1``) and
+       the series needs at most ``SERIES_MAX_TERMS`` terms: the Fourier series of the unclamped
+       stair (:func:`periodic_expectation`) corrected by the thresholds past the nearer end
+       (:func:`series_with_ends`). Error: the series' bound plus the direct sum's truncation
+       bound (:mod:`brevitas_ana.noise`);
     4. the direct sum: every threshold when there are no more than the noise reaches, else only
        the thresholds within ``R`` of ``u``, one pass over ``u`` per threshold offset (never a
        #thresholds x N tensor); the ones below the window count exactly 1, the ones above 0.
 
-    Cases 1, 2, 4 and the inside of 3 are elementwise and run fused
-    (:func:`brevitas_ana.fused.fused`), so each is one kernel whatever its number of terms.
+    Every case is elementwise and runs fused (:func:`brevitas_ana.fused.fused`): one kernel
+    whatever its number of terms, and nothing that waits for the device.
 
     Either result is ``None`` when not wanted. The slope may come factored from a closed form as
     ``(counts, factor)``; :func:`slope_tensor` multiplies it out.
@@ -323,21 +404,18 @@ def expectation_and_slope(family: NoiseFamily, u: Tensor, lo: int, hi: int, sigm
         return (value if want_value else None, slope if want_slope else None)
     em = em_terms(family, sigma) if n > 2 else None
     if em is not None:
-        value, slope = fused(euler_maclaurin, u, family, lo, hi, sigma, em[0])
+        value, slope = fused(euler_maclaurin, u, family, lo, hi, sigma, em[0], em[1])
         return (value if want_value else None, slope if want_slope else None)
     R = family.support * sigma
-    # the series pays off where most of the range is farther than R from both ends; elsewhere
-    # the direct sum over the few thresholds in reach, in one fused kernel, costs less
-    terms = series_terms(family, sigma) if n >= 8 * R else None
+    # the series wherever each element is within the noise's reach of one end at most; the
+    # direct sum over the few thresholds in reach otherwise (small sigma), also in one kernel
+    terms = series_terms(family, sigma) if n >= 2.0 * R + 1.0 else None
     if terms is None:
         return _direct_sum(family, u, lo, hi, sigma, want_value, want_slope)
-    value, slope, near = fused(_series_inside, u, lo, hi, R, *_series_polynomials(terms[0]))
-    # Within R of an end the thresholds past it would be missing from the series: sum directly
-    if u.is_cuda or bool(near.any()):
-        flat = near.reshape(-1).nonzero().squeeze(1)
-        v_near, s_near = _direct_sum(family, u.reshape(-1)[flat], lo, hi, sigma)
-        value.view(-1)[flat] = v_near
-        slope.view(-1)[flat] = s_near
+    tail = family.tail_series(sigma) if family.tail_series is not None else None
+    J, k, tail_c = tail[:3] if tail is not None else (tail_terms(R), 0.0, [])
+    value, slope = fused(series_with_ends, u, family, lo, hi, sigma, J, k, tail_c,
+                         *_series_polynomials(terms[0]))
     return (value if want_value else None, slope if want_slope else None)
 
 
@@ -347,13 +425,14 @@ def _all_thresholds(u: Tensor, family: NoiseFamily, lo: int, hi: int, sigma: flo
     inv_sigma = 1.0 / sigma
     value = slope = None
     for k in range(lo, hi):
-        z = torch.sub(u, k + 0.5).mul_(inv_sigma)
+        z = _in_reach(torch.sub(u, k + 0.5).mul_(inv_sigma), family)
         if want_value:
             value = family.cdf(z) if value is None else value.add_(family.cdf(z))
         if want_slope:
             slope = family.pdf(z) if slope is None else slope.add_(family.pdf(z))
-    return (value.add_(lo) if want_value else None,
-            slope.mul_(inv_sigma) if want_slope else None)
+    return _end_levels(u, value.add_(lo) if want_value else None,
+                       slope.mul_(inv_sigma) if want_slope else None, lo, hi,
+                       family.support * sigma)
 
 
 def _window(u: Tensor, family: NoiseFamily, lo: int, hi: int, sigma: float, width: int,
@@ -365,7 +444,7 @@ def _window(u: Tensor, family: NoiseFamily, lo: int, hi: int, sigma: float, widt
     last = torch.sub(hi - 1, first)  # offsets j > last are past the top threshold
     z0 = torch.sub(u, first).sub_(0.5).mul_(inv_sigma)
     for j in range(width):
-        z = z0 - j * inv_sigma
+        z = _in_reach(z0 - j * inv_sigma, family)
         inside = last >= j
         if want_value:
             term = family.cdf(z).masked_fill_(~inside, 0.0)
@@ -373,8 +452,9 @@ def _window(u: Tensor, family: NoiseFamily, lo: int, hi: int, sigma: float, widt
         if want_slope:
             term = family.pdf(z).masked_fill_(~inside, 0.0)
             slope = term if slope is None else slope.add_(term)
-    return (value.add_(first) if want_value else None,
-            slope.mul_(inv_sigma) if want_slope else None)
+    return _end_levels(u, value.add_(first) if want_value else None,
+                       slope.mul_(inv_sigma) if want_slope else None, lo, hi,
+                       family.support * sigma)
 
 
 def _direct_sum(family: NoiseFamily, u: Tensor, lo: int, hi: int, sigma: float,

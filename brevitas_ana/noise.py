@@ -85,6 +85,13 @@ class NoiseFamily:
             gives the Euler-Maclaurin form of the whole clamped sum for large ``sigma``
             (:func:`brevitas_ana.functional.euler_maclaurin`).
         pdf_derivatives: optional ``(z, n) -> [f(z), f'(z), ..., f^(n)(z)]``.
+        tail_series: optional ``sigma -> (J, k, [c_1 .. c_M], bound_v, bound_s)``: the sum over
+            the thresholds past a stair's end beyond the first ``J``, for an element at distance
+            ``a >= 0`` inside it, as a power series,
+            ``sum_{j>=J} F((-a - 1/2 - j)/sigma) = sum_m c_m y^m``, ``y = exp(-k (a + 1/2 + J))``,
+            within ``bound_v`` (its derivative in ``a`` within ``bound_s``). Without it those
+            thresholds are summed one by one up to the noise's reach
+            (:func:`brevitas_ana.functional.series_with_ends`).
     """
 
     name: str
@@ -99,6 +106,7 @@ class NoiseFamily:
     charfn: Optional[Callable[[float], float]] = None
     cdf_integral: Optional[Callable[[Tensor], Tensor]] = None
     pdf_derivatives: Optional[Callable[[Tensor, int], List[Tensor]]] = None
+    tail_series: Optional[Callable[[float], Tuple[int, float, List[float], float, float]]] = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -214,7 +222,8 @@ def _uniform_kernel(u: Tensor, lo: int, hi: int, a: float):
     if hi - lo == 1:  # one threshold (binary): E = lo + F, the slope is 1/2a inside the support
         d = u - (lo + 0.5)
         value = torch.mul(d, inv_2a).add_(0.5).clamp_(0.0, 1.0).add_(lo)
-        return value, d.abs_() < a
+        # uint8 through where: inductor's CPU code stores a bool output ~20x slower
+        return value, torch.where(d.abs_() < a, 1, 0).to(torch.uint8)
     b0 = torch.add(u, 0.5 - a).floor_().clamp_(lo, hi)
     m = torch.add(u, 0.5 + a).floor_().clamp_(lo, hi).sub_(b0)
     value = torch.sub(u, b0).add_(a).add_(m, alpha=-0.5).mul_(m).mul_(inv_2a).add_(b0)
@@ -373,8 +382,10 @@ def _logistic_polynomials(n: int) -> List[List[float]]:
     return Q
 
 
-# computed once (derivative orders up to 16 cover every Euler-Maclaurin use), not per call
+# computed once (derivative orders up to 16 cover every Euler-Maclaurin use), not per call,
+# with the powers of s: a power inside a compiled kernel is a scalar pow per vector of elements
 _LOGISTIC_Q = _logistic_polynomials(16)
+_LOGISTIC_SCALES = [_LOGISTIC_S ** -(k + 1) for k in range(len(_LOGISTIC_Q))]
 
 
 def _logistic_pdf_derivatives(z: Tensor, n: int) -> List[Tensor]:
@@ -386,8 +397,33 @@ def _logistic_pdf_derivatives(z: Tensor, n: int) -> List[Tensor]:
         acc = torch.full_like(w, q[-1])
         for c in reversed(q[:-1]):
             acc = acc * w + c
-        out.append(acc * (1.0 / _LOGISTIC_S ** (k + 1)))
+        out.append(acc * _LOGISTIC_SCALES[k])
     return out
+
+
+def _logistic_tail_series(sigma: float) -> Tuple[int, float, List[float], float, float]:
+    """Thresholds past a stair's end for logistic noise of scale ``b = s sigma`` steps: with
+    ``y_j = exp(-(a + 1/2 + j) / b)`` each contributes ``F = y_j / (1 + y_j)``, and expanding
+    ``1 / (1 + y_j)`` (``y_j < 1``) and summing the geometric series over ``j >= J``:
+
+        sum_{j>=J} y_j / (1 + y_j) = sum_{m>=1} (-1)^(m+1) y^m / (1 - q^m),
+        y = exp(-(a + 1/2 + J) / b),  q = exp(-1/b)
+
+    ``J = ceil(3b - 1/2)`` makes ``y <= e^-3`` for every ``a >= 0``; the terms then alternate and
+    fall, so stopping after ``M`` leaves at most the next one: ``y^(M+1) / (1 - q^(M+1))``
+    (value), ``(M + 1) y^(M+1) / (b (1 - q^(M+1)))`` (derivative in ``a``). ``M`` is the
+    smallest making both <= 1e-9."""
+    b = _LOGISTIC_S * sigma
+    k = 1.0 / b
+    J = max(int(math.ceil(3.0 * b - 0.5)), 0)
+    y_max, q = math.exp(-k * (J + 0.5)), math.exp(-k)
+    coeffs = []
+    while True:
+        m = len(coeffs) + 1
+        coeffs.append((1.0 if m % 2 else -1.0) / -math.expm1(-k * m))
+        nxt = y_max ** (m + 1) / -math.expm1(-k * (m + 1))
+        if nxt <= 1e-9 and k * (m + 1) * nxt <= 1e-9:
+            return J, k, coeffs, nxt, k * (m + 1) * nxt
 
 
 register_noise(NoiseFamily(
@@ -401,4 +437,5 @@ register_noise(NoiseFamily(
     # integral of the logistic CDF: s softplus(z / s)
     cdf_integral=lambda z: torch.nn.functional.softplus(z * (1.0 / _LOGISTIC_S)) * _LOGISTIC_S,
     pdf_derivatives=_logistic_pdf_derivatives,
+    tail_series=_logistic_tail_series,
 ))

@@ -1,12 +1,13 @@
 """Closed forms of every noise family (brevitas_ana.noise, brevitas_ana.functional) against the
 direct float64 sum over every threshold, within the error bounds their docstrings state."""
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from brevitas_ana.functional import (SERIES_TOL, em_terms, euler_maclaurin, expectation_and_slope,
-                                     periodic_expectation, series_terms, slope_tensor)
+                                     periodic_expectation, series_terms, slope_tensor, tail_terms)
 from brevitas_ana.noise import get_noise
 
 FAMILIES = ["uniform", "triangular", "normal", "logistic"]
@@ -30,9 +31,11 @@ def stated_bound(fam, sigma):
     value, slope = 2 * tail * (1 + sigma), 2 * (f_L / sigma + tail)
     em, terms = em_terms(fam, sigma), series_terms(fam, sigma)
     if em is not None:  # Euler-Maclaurin (used for more than 2 thresholds)
-        value, slope = value + em[1], slope + em[2]
-    if terms is not None:  # Fourier series inside, direct sum near the ends
+        value, slope = value + em[2], slope + em[3]
+    if terms is not None:  # Fourier series, thresholds past the nearer end
         value, slope = value + terms[1] / (2 * math.pi), slope + terms[1]
+        if fam.tail_series is not None:  # those thresholds as a power series
+            value, slope = value + fam.tail_series(sigma)[3], slope + fam.tail_series(sigma)[4]
     return value + 1e-12, slope + 1e-10
 
 
@@ -99,11 +102,12 @@ def test_euler_maclaurin_covers_large_sigma_within_its_bound(family):
     exactly from the sigma where its bound first meets the tolerance."""
     fam = get_noise(family)
     for sigma in (2.0, 3.0, 8.0) if family == "normal" else (4.0, 8.0):
-        coeffs, bound_v, bound_s = em_terms(fam, sigma)
-        assert bound_v <= SERIES_TOL and bound_s <= SERIES_TOL and 1 <= len(coeffs) <= 5
+        value_coeffs, slope_coeffs, bound_v, bound_s = em_terms(fam, sigma)
+        assert bound_v <= SERIES_TOL and bound_s <= SERIES_TOL and 1 <= len(value_coeffs) <= 5
         for lo, hi in ((-2, 1), (0, 15), (-128, 127)):
             u = torch.linspace(lo - 30, hi + 30, 4001, dtype=torch.float64)
-            value, slope = euler_maclaurin(u, fam, lo, hi, sigma, coeffs)
+            value, slope = euler_maclaurin(u, fam, lo, hi, sigma, value_coeffs,
+                                           slope_coeffs)
             want_value, want_slope = direct(fam, u, lo, hi, sigma)
             L = torch.tensor(fam.support, dtype=torch.float64)
             tail = 1 - fam.cdf(L).item()
@@ -112,3 +116,42 @@ def test_euler_maclaurin_covers_large_sigma_within_its_bound(family):
                 fam.pdf(L).item() / sigma + tail) + 1e-10
     # more than 5 terms: the asymptotic series diverges (0.5) or costs more than the direct sum
     assert em_terms(fam, 0.5) is None and em_terms(fam, 1.0) is None
+
+
+def test_logistic_tail_series_is_the_sum_past_the_end():
+    """sum_{j>=J} F((-a - 1/2 - j)/sigma) (and its derivative in a) against 20000 terms summed
+    in float64, within the bounds tail_series states, for every distance a within the reach."""
+    fam = get_noise("logistic")
+    for sigma in (0.05, 0.3, 0.5, 1.0, 2.0, 3.0, 8.0):
+        J, k, c, bound_v, bound_s = fam.tail_series(sigma)
+        assert bound_v <= 1e-9 and bound_s <= 1e-9 and len(c) <= 10
+        a = torch.linspace(0, fam.support * sigma + 2, 501, dtype=torch.float64)
+        z = (-a[:, None] - 0.5 - torch.arange(J, J + 20000, dtype=torch.float64)) / sigma
+        want_v, want_s = fam.cdf(z).sum(1), fam.pdf(z).sum(1) / sigma
+        y = torch.exp(-k * (a + 0.5 + J))
+        got_v = sum(cm * y ** m for m, cm in enumerate(c, start=1))
+        got_s = k * sum(m * cm * y ** m for m, cm in enumerate(c, start=1))
+        assert (got_v - want_v).abs().max() <= bound_v + 1e-15, sigma
+        assert (got_s - want_s).abs().max() <= bound_s + 1e-15, sigma
+
+
+@pytest.mark.parametrize("family,sigma,bits", [("normal", 0.5, (4, 6, 8)),
+                                               ("normal", 1.0, (4, 6, 8)),
+                                               ("logistic", 0.5, (4, 6, 8)),
+                                               ("logistic", 2.0, (6, 8))])
+def test_cost_per_element_does_not_grow_with_the_bit_width(family, sigma, bits):
+    """The series path evaluates F a fixed number of times per element, whatever the number of
+    levels: the thresholds within reach past one end (normal) or the few before the logistic
+    tail's power series; the window it replaces took floor(2R) + 1 (7 and 47 here)."""
+    fam = get_noise(family)
+    calls = []
+    counting = dataclasses.replace(fam, name="counting",
+                                   cdf=lambda z: calls.append(1) or fam.cdf(z))
+    R = fam.support * sigma
+    want = fam.tail_series(sigma)[0] if fam.tail_series else tail_terms(R)
+    assert want < math.floor(2 * R) + 1
+    for b in bits:
+        calls.clear()
+        u = torch.linspace(-2.0 ** b, 2.0 ** b, 1001, dtype=torch.float64)
+        expectation_and_slope(counting, u, -(2 ** (b - 1)), 2 ** (b - 1) - 1, sigma)
+        assert len(calls) == want, (b, len(calls), want)

@@ -12,11 +12,11 @@ pytestmark = pytest.mark.slow
 CASES = [
     ("uniform", 0, 1, 0.5), ("uniform", -8, 7, 2.0),        # closed form (binary, multi-level)
     ("triangular", -2, 1, 0.5), ("triangular", 0, 255, 2.0),  # closed form
-    ("normal", -2, 1, 0.5), ("logistic", -8, 7, 0.5),       # every threshold
+    ("normal", -2, 1, 0.5), ("logistic", -2, 1, 0.5),       # every threshold
     ("logistic", -128, 127, 0.05),                          # window around u
     ("normal", -128, 127, 2.0),                             # Euler-Maclaurin, whole stair
-    ("normal", -128, 127, 0.5),                             # series inside, window at the ends
-    ("logistic", -128, 127, 2.0),                           # series inside, long window at ends
+    ("normal", -8, 7, 0.5), ("normal", -128, 127, 0.5),     # series, thresholds past an end
+    ("logistic", -128, 127, 2.0),                           # series, 24 thresholds past an end
 ]
 
 
