@@ -15,6 +15,12 @@ Peak memory is the high-water mark of the bytes the step allocates beyond what w
     python benchmarks/bench_quantiser.py --noise all     # the four families, one table
     python benchmarks/bench_quantiser.py --bits 2 --sigmas 0.5 --noise normal --repeats 5
     python benchmarks/bench_quantiser.py --backward exact floor --sigmas 0 0.1 0.5 --health
+    python benchmarks/bench_quantiser.py --bits 1 2 --profile   # launches and host reads per step
+
+``--profile`` adds, per step and side by side, what makes a small step launch-bound on a GPU:
+the kernels launched (CUDA: device kernels and copies; CPU: operators dispatched that compute,
+not views, allocations or no-op casts, plus compiled regions: each a launch on a GPU) and the host's reads of device values (``.item()``
+and the like, each a host-device sync on a GPU), from one profiled step of each model.
 
 ``--backward floor`` measures the floored gradient (backward noise ``max(sigma, sigma_grad_min)``,
 the family's starting noise by default; at ``sigma`` 0 the forward is the exact stair and the
@@ -97,6 +103,44 @@ def peak_bytes(step, device) -> int:
     return peak
 
 
+def launches_and_reads(step, device):
+    """(kernels launched, host reads of device values) in one call of ``step``, from
+    torch.profiler's events (see the module docstring)."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    events = prof.events()
+    reads = sum(e.name == "aten::_local_scalar_dense" for e in events)
+    if device.type == "cuda":
+        launches = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
+    else:  # operators entered from Python or autograd, not from inside another operator or
+        # a compiled region (which wraps its float arguments in scalars: no launch on a GPU)
+        launches = sum(_launch(e) and not any(_launch(a) for a in _ancestors(e)) for e in events)
+    return launches, reads
+
+
+# operators that launch nothing on a GPU: views, allocations, casts to the same type (a real
+# cast shows as its child aten::_to_copy, counted in its place)
+_NO_LAUNCH = {"aten::" + n for n in (
+    "to", "type_as", "detach", "detach_", "view", "reshape", "expand", "as_strided", "alias", "t",
+    "transpose", "permute", "unsqueeze", "squeeze", "select", "slice", "lift_fresh", "empty",
+    "empty_like", "empty_strided", "result_type", "item", "_local_scalar_dense", "contiguous",
+    "flatten", "unflatten", "_unsafe_view", "_reshape_alias", "expand_as", "view_as", "numpy_T")}
+
+
+def _launch(event) -> bool:
+    return (event.name.startswith("Torch-Compiled Region")
+            or event.name.startswith("aten::") and event.name not in _NO_LAUNCH)
+
+
+def _ancestors(event):
+    while event.cpu_parent is not None:
+        event = event.cpu_parent
+        yield event
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bits", type=int, nargs="+", default=[1, 2, 4, 8], choices=sorted(BITS))
@@ -111,6 +155,8 @@ def main(argv=None):
     p.add_argument("--sigma-grad-min", type=float, default=None,
                    help="floor of the floor policy (default: the family's starting noise)")
     p.add_argument("--health", action="store_true", help="add gradient-health hooks to ANA")
+    p.add_argument("--profile", action="store_true",
+                   help="also count kernel launches and host reads of device values per step")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--repeats", type=int, default=9, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=2)
@@ -172,6 +218,12 @@ def main(argv=None):
                   f"{1e3 * t_stock:>9.1f} {1e3 * t_ana:>9.1f} {t_ana / t_stock:>10.3f} "
                   f"{m_stock / 2**20:>9.1f} {m_ana / 2**20:>9.1f} {m_ana / m_stock:>9.3f}",
                   flush=True)
+            if args.profile:
+                (l_stock, r_stock), (l_ana, r_ana) = (launches_and_reads(steps[k], device)
+                                                      for k in ("stock", "ana"))
+                print(f"{'':>6} launches per step: stock {l_stock}, ANA {l_ana} "
+                      f"({l_ana / l_stock:.2f}x); host reads: stock {r_stock}, ANA {r_ana}",
+                      flush=True)
             summary.setdefault((noise, sigma, backward), {})[bits] = (t_ana / t_stock,
                                                                       m_ana / m_stock)
     print("\nANA / stock, time ratio / memory ratio (markdown):\n")

@@ -227,7 +227,8 @@ def _uniform_kernel(u: Tensor, lo: int, hi: int, a: float):
     b0 = torch.add(u, 0.5 - a).floor_().clamp_(lo, hi)
     m = torch.add(u, 0.5 + a).floor_().clamp_(lo, hi).sub_(b0)
     value = torch.sub(u, b0).add_(a).add_(m, alpha=-0.5).mul_(m).mul_(inv_2a).add_(b0)
-    return value, m
+    # 0 <= m <= hi - lo: one byte up to 8 bits, cast here rather than in a launch of its own
+    return value, m.to(torch.uint8 if hi - lo <= 255 else torch.int32)
 
 
 register_noise(NoiseFamily(

@@ -150,15 +150,27 @@ class _AnaIntMixin(AnaQuantMixin):
         x = self.input_view_impl(x)
         y = x / scale
         y = y + zero_point
+        if not bit_width.requires_grad:
+            return ana_round(y, *self._int_bounds(bit_width), **self.noise_args())
         lo = self.min_int(bit_width)
         hi = self.max_int(bit_width)
         q = ana_round(y, lo, hi, **self.noise_args())
-        if lo.requires_grad or hi.requires_grad:
-            # A learned bit width gets the gradient stock Brevitas gives it: through the clamp of
-            # round(y) to the bounds (the added term is zero in value).
-            r = torch.round(y.detach())
-            q = q + (tensor_clamp(r, lo, hi) - tensor_clamp(r, lo.detach(), hi.detach()))
-        return q
+        # A learned bit width gets the gradient stock Brevitas gives it: through the clamp of
+        # round(y) to the bounds (the added term is zero in value).
+        r = torch.round(y.detach())
+        return q + (tensor_clamp(r, lo, hi) - tensor_clamp(r, lo.detach(), hi.detach()))
+
+    def _int_bounds(self, bit_width: Tensor) -> Tuple[int, int]:
+        """``(min_int, max_int)`` as Python ints, read from the device once per bit width: a
+        read each step would make the host wait for the device at every quantiser. A constant
+        bit width comes back as the same storage each step; holding it keeps its address from
+        being reused, and an in-place change bumps its version."""
+        cached = self.__dict__.get("_bounds_cache")
+        if (cached is None or cached[0].data_ptr() != bit_width.data_ptr()
+                or cached[0].device != bit_width.device or cached[1] != bit_width._version):
+            bounds = (int(self.min_int(bit_width).item()), int(self.max_int(bit_width).item()))
+            cached = self.__dict__["_bounds_cache"] = (bit_width, bit_width._version, bounds)
+        return cached[2]
 
 
 class AnaIntQuant(_AnaIntMixin, IntQuant):
@@ -180,9 +192,10 @@ class _AnaBinaryMixin(AnaQuantMixin):
         if self.stock_path:
             return super().forward(x)
         scale = self.scaling_impl(x)
-        # y = x / (2 scale) + 1/2 and out = 2 scale q - scale, one fused op each. new_full, not
-        # new_tensor: a Python scalar copied to the GPU each step would block the host.
-        y = torch.addcmul(scale.new_full((), 0.5), x, 0.5 / scale)
+        # y = (x / scale + 1) / 2: three launches and Python scalars (a scalar tensor made on
+        # the host would be a copy to the GPU each step). Division's backward keeps x and scale,
+        # not its result, so the two in-place steps are safe for autograd.
+        y = x.div(scale).add_(1.0).mul_(0.5)
         if self.sigma < SIGMA_MIN and self.grad_floor < SIGMA_MIN:  # annealed, zero gradient
             q = (y >= 0.5).to(y.dtype)  # same tie at 0 as binary_sign
         else:
@@ -191,7 +204,7 @@ class _AnaBinaryMixin(AnaQuantMixin):
                 # the stair rounds the tie y = 1/2 (x = 0) half-to-even, to 0; sign gives +1.
                 # Added, not selected, so that the gradient still flows there.
                 q = q + (y == 0.5).to(q.dtype)
-        out = torch.addcmul(-scale, q, 2.0 * scale)
+        out = torch.addcmul(-scale, q, 2.0 * scale)  # 2 scale q - scale
         out = self.delay_wrapper(x, out)
         return out, scale, self.zero_point(), self.bit_width()
 

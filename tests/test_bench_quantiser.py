@@ -8,6 +8,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_quantiser  # noqa: E402
 
+from brevitas_ana.fused import COMPILE_SUPPORTED  # noqa: E402
 from brevitas_ana.noise import noise_families  # noqa: E402
 
 
@@ -25,3 +26,19 @@ def test_noise_all_prints_one_row_per_family(capsys):
         for cell in cells:  # "time / memory", both positive ratios of measured steps
             t, m = (float(x) for x in re.findall(r"[\d.]+", cell))
             assert t > 0 and m > 0
+
+
+@pytest.mark.slow
+def test_profile_counts_launches_and_host_reads(capsys, monkeypatch):
+    monkeypatch.setenv("BREVITAS_ANA_COMPILE", "1")  # what users run (the suite runs eagerly)
+    bench_quantiser.main(["--noise", "uniform", "normal", "--bits", "2", "--sigmas", "0.5",
+                          "--repeats", "1", "--warmup", "1", "--batch-size", "4", "--profile"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "launches per step" in line]
+    assert len(lines) == 2
+    for line in lines:
+        l_stock, l_ana, _, r_stock, r_ana = (float(x) for x in re.findall(r"[\d.]+", line))
+        assert l_stock > 100 and l_ana > 100  # a CNV step: hundreds of operators
+        # ANA reads no clamp bound from the device, and its rounding is one compiled kernel
+        # (where this torch compiles them: >= 2.14)
+        assert r_ana <= r_stock, line
+        assert l_ana < l_stock or not COMPILE_SUPPORTED, line

@@ -6,6 +6,7 @@ import sys
 import onnx
 import pytest
 import torch
+import torch.utils._python_dispatch
 import brevitas.nn as qnn
 from brevitas.core.bit_width import BitWidthImplType
 from brevitas.export import export_onnx_qcdq, export_qonnx
@@ -151,6 +152,42 @@ def test_learned_bit_width_gets_stock_gradient_through_the_bounds():
         grads.append(bit_width.grad)
     assert grads[0].abs().item() > 0
     torch.testing.assert_close(grads[1], grads[0])
+
+
+class _DeviceReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (.item(), bool(), int(): each waits for
+    the device on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("wq,actq,kw", [PAIRS[0], PAIRS[5]], ids=[IDS[0], IDS[5]])
+def test_integer_quantisers_read_the_device_no_more_than_stock(wq, actq, kw):
+    """The clamp bounds are read from the bit width once, not at every step (a host-device
+    sync per quantiser and step on a GPU); a new bit width is read again."""
+    stock, ana = twin_pair(wq, actq, kw)
+    set_sigma(ana, 0.5)
+    x = torch.randn(4, 3, 8, 8)
+    reads = []
+    for net in (stock, ana):
+        net(x).sum().backward()  # first step: ANA reads its bounds here
+        with _DeviceReads() as probe:
+            for _ in range(3):
+                net(x).sum().backward()
+        reads.append(probe.reads)
+    assert reads[1] <= reads[0], reads
+    q = aq.AnaIntQuant(True, True, nn.Identity())  # narrow range, signed
+    bit_width = torch.tensor(4.0)
+    assert q._int_bounds(bit_width) == (-7, 7)  # narrow range, signed
+    bit_width.fill_(3.0)  # in place: same storage, new version
+    assert q._int_bounds(bit_width) == (-3, 3)
+    assert q._int_bounds(torch.tensor(2.0)) == (-1, 1)
 
 
 class _LearnedBitWidth(Int8WeightPerTensorFloat):
