@@ -19,8 +19,9 @@ Peak memory is the high-water mark of the bytes the step allocates beyond what w
 
 ``--profile`` adds, per step and side by side, what makes a small step launch-bound on a GPU:
 the kernels launched (CUDA: device kernels and copies; CPU: operators dispatched that compute,
-not views, allocations or no-op casts, plus compiled regions: each a launch on a GPU) and the host's reads of device values (``.item()``
-and the like, each a host-device sync on a GPU), from one profiled step of each model.
+not views, allocations or no-op casts, plus compiled regions: each a launch on a GPU) and the
+host's reads of device values (``.item()`` and the like, each a host-device sync on a GPU),
+from one profiled step of each model.
 
 ``--backward floor`` measures the floored gradient (backward noise ``max(sigma, sigma_grad_min)``,
 the family's starting noise by default; at ``sigma`` 0 the forward is the exact stair and the

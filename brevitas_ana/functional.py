@@ -26,6 +26,7 @@ layers before it.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional, Tuple, Union
 
@@ -402,21 +403,31 @@ def expectation_and_slope(family: NoiseFamily, u: Tensor, lo: int, hi: int, sigm
         # the built-in closed forms fuse their own kernels (brevitas_ana.fused)
         value, slope = family.expectation(u, lo, hi, sigma)
         return (value if want_value else None, slope if want_slope else None)
+    kernel, *static = _plan(family, n, sigma)
+    if kernel is None:
+        return _direct_sum(family, u, lo, hi, sigma, want_value, want_slope)
+    value, slope = fused(kernel, u, family, lo, hi, sigma, *static)
+    return (value if want_value else None, slope if want_slope else None)
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(family: NoiseFamily, n: int, sigma: float) -> tuple:
+    """``(kernel, *its coefficients)`` of cases 2 and 3 of :func:`expectation_and_slope` for
+    ``n`` thresholds at ``sigma``, or ``(None,)`` for the direct sum. Cached: every quantiser of a
+    step shares its sigma, and choosing the formula and building its coefficients takes up to
+    ~25 us of Python per call. The lists are read, never changed."""
     em = em_terms(family, sigma) if n > 2 else None
     if em is not None:
-        value, slope = fused(euler_maclaurin, u, family, lo, hi, sigma, em[0], em[1])
-        return (value if want_value else None, slope if want_slope else None)
+        return euler_maclaurin, em[0], em[1]
     R = family.support * sigma
     # the series wherever each element is within the noise's reach of one end at most; the
     # direct sum over the few thresholds in reach otherwise (small sigma), also in one kernel
     terms = series_terms(family, sigma) if n >= 2.0 * R + 1.0 else None
     if terms is None:
-        return _direct_sum(family, u, lo, hi, sigma, want_value, want_slope)
+        return (None,)
     tail = family.tail_series(sigma) if family.tail_series is not None else None
     J, k, tail_c = tail[:3] if tail is not None else (tail_terms(R), 0.0, [])
-    value, slope = fused(series_with_ends, u, family, lo, hi, sigma, J, k, tail_c,
-                         *_series_polynomials(terms[0]))
-    return (value if want_value else None, slope if want_slope else None)
+    return (series_with_ends, J, k, tail_c, *_series_polynomials(terms[0]))
 
 
 def _all_thresholds(u: Tensor, family: NoiseFamily, lo: int, hi: int, sigma: float,
