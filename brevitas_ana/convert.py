@@ -148,6 +148,11 @@ def quantize_timm(model: nn.Module, weight_bit_width: int = 4, act_bit_width: in
     ``ana_noise=...`` keywords still work, with a DeprecationWarning. Weights are kept.
     """
     from brevitas.graph.quantize import layerwise_quantize
+    if not isinstance(model, nn.Module):
+        hint = (f"; build it first: quantize_timm(timm.create_model({model!r}, ...))"
+                if isinstance(model, str) else "")
+        raise TypeError(f"model: quantize_timm takes a torch.nn.Module, got "
+                        f"{type(model).__name__} {model!r}"[:200] + hint)
     for field, bits in (("weight_bit_width", weight_bit_width), ("act_bit_width", act_bit_width),
                         ("first_layer_bit_width", first_layer_bit_width),
                         ("last_layer_bit_width", last_layer_bit_width)):

@@ -40,15 +40,43 @@ REFERENCE_IMAGES = 100  # images kept in reference.npz
 INPUT = "the images given to export_qnn"
 
 
-def check_writable(output_dir) -> Path:
+def check_writable(output_dir, name: str = "output_dir") -> Path:
+    """``output_dir`` exists (created if needed) and takes files; ExportError naming ``name``
+    (the argument or flag the caller was given) otherwise."""
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{name}: {out} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
             pass
     except OSError as e:
-        raise ExportError(f"--output-dir: cannot write to {out}: {e.strerror or e}") from None
+        raise ExportError(f"{name}: cannot write to {out}: {e.strerror or e}") from None
     return out
+
+
+def check_inputs(model: torch.nn.Module, images, labels):
+    """(images, labels) as numpy arrays once they are known to fit: ``images`` a non-empty batch
+    the model takes, ``labels`` one per image. Checked before any file is written."""
+    try:
+        images = np.ascontiguousarray(torch.as_tensor(images).float().cpu().numpy())
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ExportError(f"images: not a numeric batch ({type(e).__name__}: {e})") from None
+    if images.ndim < 2 or not len(images):
+        raise ExportError(f"images: expected a non-empty batch, got shape {images.shape}")
+    if labels is not None:
+        labels = np.asarray(torch.as_tensor(labels).cpu())
+        if labels.shape != (len(images),):
+            raise ExportError(f"labels: expected one label per image, shape ({len(images)},), "
+                              f"got shape {labels.shape}")
+    try:
+        with torch.no_grad():
+            copy.deepcopy(model).float().cpu().eval()(torch.from_numpy(images[:1]))
+    except RuntimeError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ExportError(f"images: the model does not take images of shape "
+                          f"{list(images.shape[1:])} ({first})") from None
+    return images, labels
 
 
 def check_trained(model: torch.nn.Module):
@@ -219,13 +247,10 @@ def _export(model, images, output_dir, labels, formats, tolerance, batch_size,
     if unknown or not formats:
         raise ExportError(f"formats: unknown {unknown or 'empty'}; choose from {list(FORMATS)}")
     tolerance = tolerance or Tolerance()
-    out = check_writable(output_dir)
     check_trained(model)
+    images, labels = check_inputs(model, images, labels)
+    out = check_writable(output_dir)
     (out / "report.json").unlink(missing_ok=True)  # a stale report must not describe new files
-    images = np.ascontiguousarray(torch.as_tensor(images).float().cpu().numpy())
-    labels = None if labels is None else np.asarray(torch.as_tensor(labels).cpu())
-    if images.ndim < 2 or not len(images):
-        raise ExportError(f"images: expected a non-empty batch, got shape {images.shape}")
 
     reference = torch_logits(model, images, batch_size)
     example = torch.from_numpy(images[:1])

@@ -95,8 +95,31 @@ def checkpoints(run_dir: Path, complete: bool = True):
     return sorted(found, key=_number)
 
 
+def load_problem(e: Exception) -> str:
+    """What went wrong reading a file, in one line: torch's own verdict, without its advice to
+    load with ``weights_only=False`` (an unsafe step, for a file that is simply corrupt or not
+    a set of weights)."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        detail = " ".join(text.partition("WeightsUnpickler error:")[2].split("Check the")[0]
+                          .split())
+        return (f"holds something other than tensors and plain values ({detail or 'unknown'}"
+                f"): corrupt, or not a weights file")
+    first = next((line for line in text.splitlines() if line.strip()), type(e).__name__)
+    sentence = first.split(". ")[0].rstrip(".")
+    return f"{type(e).__name__}: {sentence[:200]}"
+
+
+def load_pickle(path: Path):
+    """A ``torch.save`` file as accelerate loads it: ``weights_only=True`` with the few numpy
+    and RNG-state globals accelerate allows, and nothing else."""
+    from accelerate.utils import load
+    return load(path, map_location="cpu")
+
+
 def _check_file(path: Path):
-    """Read one file of a checkpoint whole; CheckpointError naming it when it is unreadable."""
+    """Read one file of a checkpoint whole, as a resume will; CheckpointError naming it when it
+    is unreadable."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -104,10 +127,9 @@ def _check_file(path: Path):
         elif path.suffix == ".json":
             json.loads(path.read_text())
         elif path.name != COMPLETE:  # accelerate's .bin / .pkl files are torch.save pickles
-            torch.load(path, map_location="cpu", weights_only=False)
+            load_pickle(path)
     except Exception as e:  # truncated, corrupt, not what it says it is
-        first = next((line for line in str(e).splitlines() if line.strip()), "")[:160]
-        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {first})") from None
+        raise CheckpointError(f"{path} is unreadable ({load_problem(e)})") from None
 
 
 REQUIRED = (("model.safetensors", "pytorch_model.bin"), ("optimizer.bin",),
@@ -184,9 +206,8 @@ def read_state_dict(path: Path) -> dict:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch's and safetensors' messages run over several lines
-        first = next((line for line in str(e).splitlines() if line.strip()), "")[:200]
         raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or truncated?): "
-                              f"{type(e).__name__}: {first}") from None
+                              f"{load_problem(e)}") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -244,3 +265,40 @@ def load_trained(checkpoint, config=None):
             f"unexpected {result.unexpected_keys[:5]}"
             f"{' ...' if len(result.unexpected_keys) > 5 else ''}")
     return model.eval(), spec, weights
+
+
+class RuntimeStatsState:
+    """The statistics phase of Brevitas' activation scales, for exact resumes.
+
+    ``ParameterFromRuntimeStatsScaling`` averages its input's statistics over the first
+    ``collect_stats_steps`` training steps (300 by default) before it learns the scale. Its
+    ``state_dict`` keeps only the average so far, as the learned value, and loading one ends the
+    phase; so a run resumed inside the phase would continue with another scale. This object
+    (registered with ``accelerator.register_for_checkpointing``) saves each such module's step
+    counter, running buffer and value, and puts them back after the model's weights are loaded.
+    Modules are looked up by name at each call: Brevitas rebuilds quantiser modules on load."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def _modules(self) -> dict:
+        from brevitas.core.scaling import ParameterFromRuntimeStatsScaling
+        return {name: m for name, m in self.model.named_modules()
+                if isinstance(m, ParameterFromRuntimeStatsScaling)}
+
+    def state_dict(self) -> dict:
+        return {name: {"counter": int(m.counter), "buffer": m.buffer.detach().cpu().clone(),
+                       "value": m.value.detach().cpu().clone()}
+                for name, m in self._modules().items()}
+
+    def load_state_dict(self, state: dict):
+        modules = self._modules()
+        if sorted(state) != sorted(modules):
+            raise CheckpointError(f"activation-scale statistics saved for {len(state)} "
+                                  f"module(s), the network has {len(modules)}")
+        with torch.no_grad():
+            for name, saved in state.items():
+                m = modules[name]
+                m.counter = int(saved["counter"])
+                m.buffer.copy_(saved["buffer"])
+                m.value.copy_(saved["value"])

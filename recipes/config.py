@@ -102,11 +102,15 @@ class OptimSection:
         lr: learning rate
         momentum: SGD momentum
         weight_decay: weight decay
-        lr_schedule: step, multistep, cosine or constant (per epoch)
+        lr_schedule: step, multistep, cosine, constant (per epoch) or onecycle (per step:
+            torch's OneCycleLR, warm-up to lr then down to ~0 at the last step)
         lr_step_epochs: step schedule: epochs between drops
         lr_milestones: multistep schedule: epochs of the drops
         lr_gamma: factor of each drop
+        lr_pct_start: onecycle: fraction of the steps spent warming up
+        lr_anneal: onecycle: shape of the way down, linear or cos
         loss: cross_entropy or sqr_hinge
+        label_smoothing: cross_entropy: label smoothing in [0, 1)
         clip_weights: clamp Conv/Linear weights to [-c, c] after each step; null: no clamp
         max_steps: stop after this many optimiser steps; null: all epochs
     """
@@ -116,11 +120,14 @@ class OptimSection:
     lr: NonNegativeFloat = 0.02
     momentum: NonNegativeFloat = 0.9
     weight_decay: NonNegativeFloat = 0.0
-    lr_schedule: Literal["step", "multistep", "cosine", "constant"] = "step"
+    lr_schedule: Literal["step", "multistep", "cosine", "constant", "onecycle"] = "step"
     lr_step_epochs: PositiveInt = 40
     lr_milestones: List[int] = field(default_factory=list)
     lr_gamma: NonNegativeFloat = 0.5
+    lr_pct_start: float = 0.25
+    lr_anneal: Literal["linear", "cos"] = "linear"
     loss: Literal["cross_entropy", "sqr_hinge"] = "sqr_hinge"
+    label_smoothing: float = 0.0
     clip_weights: Optional[NonNegativeFloat] = 1.0
     max_steps: Optional[PositiveInt] = None
 
@@ -134,12 +141,15 @@ class DataSection:
         download: download CIFAR-10 when it is missing
         val_split: training images held out for evaluation each epoch (0: the test set)
         subset: train on the first N training images
-        num_workers: data-loader worker processes
+        loader: resident (images on the training device, batched crop and flip) or workers
+            (a torch DataLoader with per-image transforms)
+        num_workers: data-loader worker processes (workers loader; evaluation)
     """
     data_dir: str = "./data"
     download: bool = True
     val_split: NonNegativeInt = 0
     subset: Optional[PositiveInt] = None
+    loader: Literal["resident", "workers"] = "resident"
     num_workers: NonNegativeInt = 2
 
 
@@ -185,22 +195,41 @@ BOOLEANS = {k for s, cls in _CLASSES.items() for f in dataclasses.fields(cls)
 
 
 def parser() -> ArgumentParser:
+    flat_flags = ", ".join(f"--{k.replace('_', '-')}" + (" / --no-" + k.replace('_', '-')
+                                                        if k in BOOLEANS else "")
+                           for k in FLAT)
     p = ArgumentParser(prog="train_cifar10.py", exit_on_error=False, env_prefix=False,
                        description="Train a QNN on CIFAR-10 with ANA (or stock STE) quantisers.",
-                       epilog="Every key also has its flat flag: --epochs 3, --data-dir D, "
-                              "--model vgg8, --no-export, ...")
+                       epilog="Every key also has a flat flag, the key's name with dashes (--epochs "
+                              "3 is --optim.epochs 3, --model vgg8 is --model.name vgg8; a "
+                              "boolean takes true/false or none, --no-X sets it false): "
+                              + flat_flags + ".")
     p.add_argument("--config", action=ActionConfigFile,
                    help="YAML config file(s), later ones override earlier ones "
                         "(recipes/configs/*.yaml)")
     for name, cls in _CLASSES.items():
         p.add_class_arguments(cls, name, help=cls.__doc__.split("\n")[0])
+    for action in p._actions:  # jsonargparse's per-section file options
+        if action.option_strings == ["--model"]:  # taken by the flat flag (_translate)
+            action.metavar = "NAME"
+            action.help = "the network: --model NAME is --model.name NAME"
+        elif action.option_strings in [[f"--{name}"] for name in _CLASSES]:
+            action.help = f"a YAML file holding only the {action.dest} section's keys"
     return p
 
 
+BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")
+
+
 def _translate(argv: List[str]) -> List[str]:
-    """Flat flags (--epochs, --data-dir, --no-export, --model) to their section keys."""
+    """Flat flags (--epochs, --data-dir, --no-export, --model) to their section keys; a flat
+    boolean takes an optional value (``--download``, ``--download false``, ``--no-download``)."""
     out = []
-    for arg in argv:
+    argv = list(argv)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
         flag, eq, value = arg.partition("=")
         if flag.startswith("--") and "." not in flag and flag != "--config":
             name = flag[2:].replace("-", "_")
@@ -209,7 +238,9 @@ def _translate(argv: List[str]) -> List[str]:
                 out += [f"--{FLAT[name[3:]]}", "false"]
                 continue
             if name in BOOLEANS and not eq:
-                out += [f"--{FLAT[name]}", "true"]
+                given = i < len(argv) and argv[i].lower() in BOOLEAN_WORDS
+                out += [f"--{FLAT[name]}", argv[i] if given else "true"]
+                i += given
                 continue
             if name in FLAT:
                 out.append(f"--{FLAT[name]}" + (f"={value}" if eq else ""))
@@ -223,11 +254,17 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     (through brevitas_ana.AnaConfig), finite numbers, anneal_end in (0, 1]."""
     if cfg.model.name not in list_models():
         raise ConfigError(f"model.name: must be one of {list_models()}, got {cfg.model.name!r}")
-    for key in ("ana.sigma", "ana.mu", "ana.sigma_grad_min", "ana.anneal_end", "optim.lr"):
+    for key in ("ana.sigma", "ana.mu", "ana.sigma_grad_min", "ana.anneal_end", "optim.lr",
+                "optim.lr_pct_start", "optim.label_smoothing"):
         section, name = key.split(".")
         v = getattr(getattr(cfg, section), name)
         if v is not None and not math.isfinite(v):
             raise ConfigError(f"{key}: must be finite, got {v!r}")
+    if not 0.0 < cfg.optim.lr_pct_start < 1.0:
+        raise ConfigError(f"optim.lr_pct_start: must be in (0, 1), got {cfg.optim.lr_pct_start!r}")
+    if not 0.0 <= cfg.optim.label_smoothing < 1.0:
+        raise ConfigError(f"optim.label_smoothing: must be in [0, 1), got "
+                          f"{cfg.optim.label_smoothing!r}")
     if not 0.0 < cfg.ana.anneal_end <= 1.0:
         raise ConfigError(f"ana.anneal_end: must be in (0, 1] (a fraction of the run), got "
                           f"{cfg.ana.anneal_end!r}")
@@ -249,8 +286,31 @@ def from_dict(data: dict) -> RecipeConfig:
     return validate(_recipe(cfg))
 
 
+def plain(value):
+    """``value`` with jsonargparse's restricted types (``PositiveInt``, ``NonNegativeFloat``, ...:
+    subclasses of int and float) turned into the built-in ones, through lists and dicts. What
+    reaches torch objects must be plain: optimiser and scheduler states are pickled into every
+    checkpoint, and accelerate loads them with ``torch.load(weights_only=True)``, which refuses
+    any other class."""
+    if isinstance(value, bool) or value is None:
+        return value
+    for kind in (int, float, str):
+        if isinstance(value, kind):
+            return kind(value)
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {plain(k): plain(v) for k, v in value.items()}
+    return value
+
+
 def _recipe(ns) -> RecipeConfig:
-    return RecipeConfig(**{name: getattr(ns, name) for name in _CLASSES})
+    sections = {}
+    for name, cls in _CLASSES.items():
+        section = getattr(ns, name)
+        sections[name] = cls(**{f.name: plain(getattr(section, f.name))
+                                for f in dataclasses.fields(cls)})
+    return RecipeConfig(**sections)
 
 
 _TYPE_WORDS = {"PositiveInt": "an integer > 0", "NonNegativeInt": "an integer >= 0",

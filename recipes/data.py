@@ -1,5 +1,15 @@
 """CIFAR-10 in torchvision's on-disk layout (``cifar-10-batches-py``), read without md5 checks
-so that small fixtures in the same format work too."""
+so that small fixtures in the same format work too.
+
+Two ways to feed the training loop:
+
+- :class:`ResidentLoader` (the recipes' default, ``data.loader: resident``): the training images
+  decoded once into one uint8 tensor on the training device; each epoch's order, crops and flips
+  drawn from (seed, epoch) and applied to a whole batch at once with one gather. No per-image
+  Python, no worker processes; each process of a multi-process run takes its own shard.
+- a torch ``DataLoader`` over :class:`CifarBatches` with torchvision transforms per image
+  (``data.loader: workers``), the common PyTorch way.
+"""
 from __future__ import annotations
 
 import pickle
@@ -88,6 +98,87 @@ def seed_augmentation(dataset, seed: int, epoch: int):
     dataset.seed, dataset.epoch = seed, epoch
 
 
+PAD = 4  # random crop: pad 4 pixels (zeros, as torchvision's RandomCrop), crop back to 32
+
+
+def epoch_draws(n: int, seed: int, epoch: int):
+    """The random choices of one epoch over ``n`` training images, from (seed, epoch) alone:
+    the order (a permutation) and, for the image at each position of it, the crop offsets
+    ``dy, dx`` in ``[0, 2 * PAD]`` and whether it is flipped. Drawn on the CPU, so they are the
+    same on every device, process count and torch build; a resumed run redraws them exactly."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2 ** 63))
+    order = torch.randperm(n, generator=g)
+    offsets = torch.randint(0, 2 * PAD + 1, (2, n), generator=g)
+    flips = torch.randint(0, 2, (n,), generator=g).bool()
+    return order, offsets[0], offsets[1], flips
+
+
+def crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
+              flip: torch.Tensor) -> torch.Tensor:
+    """Batched random crop and horizontal flip of uint8 NCHW images: image ``b`` of the result is
+    ``pad(images[b], PAD)[:, dy_b : dy_b + H, dx_b : dx_b + W]``, mirrored left-right where
+    ``flip_b``; one gather, on the images' device."""
+    b, c, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (PAD, PAD, PAD, PAD))
+    rows = dy[:, None] + torch.arange(h, device=images.device)  # B x H
+    cols = torch.arange(w, device=images.device).expand(b, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols) + dx[:, None]  # B x W
+    return padded[torch.arange(b, device=images.device)[:, None, None, None],
+                  torch.arange(c, device=images.device)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class ResidentLoader:
+    """Training batches from images resident on ``device``.
+
+    ``images`` (uint8 N x 3 x 32 x 32) and ``labels`` are copied to ``device`` once. Epoch
+    ``e`` (set with :meth:`set_epoch`) visits the permutation of :func:`epoch_draws`; process
+    ``rank`` of ``world`` takes every ``world``-th position of it, so the shards are disjoint and
+    every process takes the same number of steps (``len(self)``; the last incomplete round of
+    batches is dropped). Each batch is cropped and flipped (:func:`crop_flip`) and scaled to
+    float [0, 1], all on the device."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
+                 device=None, rank: int = 0, world: int = 1, augment: bool = True):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images.to(device, torch.uint8)
+        self.labels = labels.to(device, torch.long)
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.augment, self.epoch = augment, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.labels) // (self.batch_size * self.world)
+
+    def __iter__(self):
+        order, dy, dx, flip = epoch_draws(len(self.labels), self.seed, self.epoch)
+        mine = torch.arange(self.rank, len(self) * self.batch_size * self.world, self.world)
+        device = self.images.device
+        order, dy, dx, flip = (t[mine].to(device) for t in (order, dy, dx, flip))
+        for start in range(0, len(mine), self.batch_size):
+            part = slice(start, start + self.batch_size)
+            index = order[part]
+            images = self.images[index]
+            if self.augment:
+                images = crop_flip(images, dy[part], dx[part], flip[part])
+            yield images.float().div_(255), self.labels[index]
+
+
+def resident_tensors(dataset):
+    """(uint8 images, labels) of a :class:`CifarBatches` or a ``Subset`` of one (any depth)."""
+    index = None
+    while isinstance(dataset, Subset):
+        inner = torch.as_tensor(list(dataset.indices), dtype=torch.long)
+        index = inner if index is None else inner[index]
+        dataset = dataset.dataset
+    if index is None:
+        return dataset.images, dataset.labels
+    return dataset.images[index], dataset.labels[index]
+
+
 def transforms(train: bool):
     """Float [0, 1] images; training adds random crop (padding 4) and horizontal flip."""
     to_float = v2.ToDtype(torch.float32, scale=True)
@@ -99,7 +190,8 @@ def transforms(train: bool):
 def datasets(data_dir, download: bool, val_split: int = 0, subset=None, seed: int = 0):
     """(train, eval, test) datasets. ``val_split`` images held out of the training set (a fixed
     permutation from ``seed``) form the eval set; without one, eval is the test set.
-    ``subset`` keeps the first N images of train and of eval/test, for quick runs."""
+    ``subset`` keeps the first N training images, for quick runs (evaluation and test sets stay
+    whole, so figures of quick runs compare with full ones)."""
     folder = ensure_cifar10(data_dir, download)
     train = CifarBatches(folder, True, transforms(True))
     train_plain = CifarBatches(folder, True, transforms(False))
@@ -113,6 +205,4 @@ def datasets(data_dir, download: bool, val_split: int = 0, subset=None, seed: in
         evaluation = test
     if subset:
         train = Subset(train, range(min(subset, len(train))))
-        evaluation = Subset(evaluation, range(min(subset, len(evaluation))))
-        test = Subset(test, range(min(subset, len(test))))
     return train, evaluation, test

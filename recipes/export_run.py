@@ -115,7 +115,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        check_writable(args.output_dir)
+        check_writable(args.output_dir, "--output-dir")
         model, spec, weights = load_trained(args.checkpoint, args.config)
         images, labels, description = _inputs(args, weights)
         print(f"exporting {describe(spec)} from {weights}")

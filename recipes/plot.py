@@ -3,8 +3,8 @@
     python recipes/plot.py runs/cnv_w2a2            # reads runs/cnv_w2a2/metrics.csv
     python recipes/plot.py metrics.csv --out-dir plots
 
-Writes ``accuracy.png``, ``loss.png``, ``sigma.png`` (sigma per ANA group over epochs) and, for
-ANA runs, ``gradient.png``: per group, the fraction of elements whose gradient passes the
+Writes ``accuracy.png``, ``loss.png`` and, for ANA runs, ``sigma.png`` (sigma per ANA group over
+epochs) and ``gradient.png``: per group, the fraction of elements whose gradient passes the
 activation quantiser and the norm of the gradient reaching the weights (``brevitas_ana.health``),
 where a layer starved by annealing shows as a falling curve.
 """
@@ -60,8 +60,21 @@ def draw_sigma(ax, rows, epochs):
     _epoch_axis(ax, epochs)
 
 
+def _draw_groups(ax, rows, epochs, keys):
+    """One curve per group that has a figure; returns the groups with none (all NaN)."""
+    unmeasured = []
+    for k in keys:
+        values = _column(rows, k)
+        if all(v != v for v in values):
+            unmeasured.append(k.split("/", 1)[1])
+            continue
+        ax.plot(epochs, values, marker="o", markersize=3, label=k.split("/", 1)[1])
+    return unmeasured
+
+
 def plot_metrics(csv_path, out_dir=None):
-    """Write the three PNGs next to ``csv_path`` (or into ``out_dir``); returns their paths."""
+    """Write the PNGs next to ``csv_path`` (or into ``out_dir``): accuracy and loss; for ANA runs
+    also sigma and gradient health. Returns their paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -86,23 +99,28 @@ def plot_metrics(csv_path, out_dir=None):
         written.append(out_dir / f"{name}.png")
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    draw_sigma(ax, rows, epochs)
-    fig.tight_layout()
-    written.append(out_dir / "sigma.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    if any(k.startswith("sigma/") for k in rows[0]):  # an STE run has no noise to draw
+        fig, ax = plt.subplots(figsize=(7, 4))
+        draw_sigma(ax, rows, epochs)
+        fig.tight_layout()
+        written.append(out_dir / "sigma.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
     pass_keys = [k for k in rows[0] if k.startswith("grad_pass/")]
     norm_keys = [k for k in rows[0] if k.startswith("grad_norm/")]
     if pass_keys or norm_keys:
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-        for k in pass_keys:
-            top.plot(epochs, _column(rows, k), marker="o", markersize=3, label=k.split("/", 1)[1])
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True)
+        unmeasured = _draw_groups(top, rows, epochs, pass_keys)
+        if unmeasured:
+            top.text(0.01, 0.02, "not measured (no activation quantiser whose input needs a "
+                     "gradient): " + ", ".join(unmeasured), transform=top.transAxes,
+                     fontsize="x-small", wrap=True)
         top.set_ylabel("gradient passed (fraction)")
         top.set_ylim(-0.02, 1.02)
-        for k in norm_keys:
-            bottom.plot(epochs, _column(rows, k), marker="o", markersize=3,
-                        label=k.split("/", 1)[1])
+        unmeasured = _draw_groups(bottom, rows, epochs, norm_keys)
+        if unmeasured:
+            bottom.text(0.01, 0.02, "no weights: " + ", ".join(unmeasured),
+                        transform=bottom.transAxes, fontsize="x-small", wrap=True)
         bottom.set_yscale("log")
         bottom.set_ylabel("weight gradient norm")
         bottom.set_xlabel("epoch")

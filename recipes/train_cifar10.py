@@ -13,12 +13,14 @@ continues a stopped run exactly.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,10 +35,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import brevitas_ana
 from brevitas_ana.recipes.config import ConfigError, flat, parse_args, to_dict
-from brevitas_ana.recipes.data import datasets, seed_augmentation
-from brevitas_ana.recipes.checkpoint import (COMPLETE, CheckpointError, atomic_write,
-                                             checkpoints, verify_checkpoint, write_spec,
-                                             write_text)
+from brevitas_ana.recipes.data import (ResidentLoader, datasets, resident_tensors,
+                                       seed_augmentation)
+from brevitas_ana.recipes.checkpoint import (COMPLETE, CheckpointError, RuntimeStatsState,
+                                             atomic_write, checkpoints, load_problem,
+                                             verify_checkpoint, write_spec, write_text)
 from brevitas_ana.recipes.models import create_model, model_spec
 from brevitas_ana.recipes.plot import plot_metrics
 from brevitas_ana.recipes.tracking import CSVTracker
@@ -76,7 +79,18 @@ def sqr_hinge_loss(logits, labels):
     return torch.clamp(1 - logits * target, min=0).pow(2).mean()
 
 
-def make_scheduler(optim, optimizer):
+PER_STEP_SCHEDULES = ("onecycle",)  # stepped after every optimiser step; the others per epoch
+FIXED_LENGTH_SCHEDULES = ("cosine", "onecycle")  # shaped by the run's planned length
+
+
+def make_scheduler(optim, optimizer, total_steps: int):
+    """The learning-rate schedule; ``onecycle`` is torch's OneCycleLR over ``total_steps``
+    optimiser steps (warm-up from lr/25 to lr over ``lr_pct_start`` of them, then down to
+    lr/25e4, ``lr_anneal`` shaped; Adam's beta1 / SGD's momentum cycle inversely)."""
+    if optim.lr_schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=optim.lr, total_steps=total_steps, pct_start=optim.lr_pct_start,
+            anneal_strategy=optim.lr_anneal)
     if optim.lr_schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, optim.lr_step_epochs, optim.lr_gamma)
     if optim.lr_schedule == "multistep":
@@ -87,49 +101,64 @@ def make_scheduler(optim, optimizer):
 
 
 def find_checkpoint(resume: str, run_dir: Path) -> Path:
+    """The checkpoint folder ``--resume`` names: ``latest`` (of ``run_dir``), a run directory
+    (its latest) or a checkpoint folder."""
     if resume == "latest":
         found = checkpoints(run_dir)
         if not found:
-            raise FileNotFoundError(f"resume: no checkpoint in {run_dir / 'checkpoints'}")
+            raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}")
         return found[-1]
     path = Path(resume)
     if path.is_dir() and (path / "checkpoints").is_dir():  # a run directory
         return find_checkpoint("latest", path)
     if not path.is_dir():
-        raise FileNotFoundError(f"resume: {path} is not a checkpoint directory")
+        raise FileNotFoundError(f"{path} is not a checkpoint directory (give 'latest', a run "
+                                f"directory or one of its checkpoints/checkpoint_<epoch>)")
     return path
 
 
-def saved_controller(resume: str, run_dir: Path):
-    """The controller config saved in the checkpoint a resume will load, or None."""
-    try:
-        ckpt = find_checkpoint(resume, run_dir)
-    except FileNotFoundError:
-        return None
-    for path in sorted(ckpt.glob("custom_checkpoint_*.pkl")):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception:  # reported by verify_checkpoint with its file name
-            return None
-        if isinstance(state, dict) and {"step_count", "config"} <= set(state):
-            return state["config"]
-    return None
-
-
-def save_checkpoint(accelerator, epoch: int, spec: dict):
+def save_checkpoint(accelerator, epoch: int, spec: dict, plan: dict):
     """accelerate names the folder (``checkpoint_<epoch>``, ProjectConfiguration's automatic
     naming) and keeps the newest ``keep_checkpoints`` (its ``total_limit``). It writes in
-    place, so the model spec and then the ``COMPLETE`` marker (itself written under a temporary
-    name and renamed) come last: the rename that makes a checkpoint count. A folder without the
-    marker is one a killed run left half-written; it is never loaded, and removed at the next
-    start."""
+    place, so the model spec, the run's plan (``run_state.json``: what a resume must know before
+    it builds anything, e.g. the annealing's planned length) and then the ``COMPLETE`` marker
+    (itself written under a temporary name and renamed) come last: the rename that makes a
+    checkpoint count. A folder without the marker is one a killed run left half-written; it is
+    never loaded, and removed at the next start."""
     accelerator.project_configuration.iteration = epoch
     path = Path(accelerator.save_state())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_spec(path, spec)
+        write_json(path / RUN_STATE, plan)
         write_text(path / COMPLETE, f"epoch {epoch}\n")
     accelerator.wait_for_everyone()
+
+
+RUN_STATE = "run_state.json"
+
+
+def read_plan(ckpt: Path) -> dict:
+    """The plan saved with a checkpoint ({} for checkpoints written before it was saved)."""
+    path = ckpt / RUN_STATE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def check_output_dir(run_dir: Path):
+    """``--output-dir`` is (or can become) a folder this process can write in; checked with a
+    temporary file that is removed at once, before anything is loaded."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise OSError(f"{run_dir} is a file, not a folder")
+    parent = run_dir
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OSError(f"{parent} is a file, so {run_dir} cannot be created")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise OSError(f"cannot write in {parent}: {e.strerror or e}") from None
 
 
 def start_run(run_dir: Path, cfg, existing):
@@ -212,6 +241,10 @@ def _main(argv=None):
     except ConfigError as e:
         sys.exit(f"error: {e}")
     run_dir = Path(cfg.run.output_dir)
+    try:
+        check_output_dir(run_dir)
+    except OSError as e:
+        sys.exit(f"error: --output-dir: {e}")
     # A second run never destroys a first: a folder that holds anything is continued
     # (--resume) or replaced on request (--overwrite), and nothing is written or removed until
     # the run is known to start (data, model and checkpoint loaded: see "the run starts").
@@ -224,6 +257,16 @@ def _main(argv=None):
         sys.exit(f"error: --output-dir: {run_dir} is not empty ({', '.join(existing[:6])}"
                  f"{', ...' if len(existing) > 6 else ''}); continue that run with --resume "
                  f"latest, or replace it with --overwrite")
+
+    # the checkpoint a resume loads, every file checked before anything is built
+    ckpt, plan = None, {}
+    if cfg.run.resume:
+        try:
+            ckpt = find_checkpoint(cfg.run.resume, run_dir)
+            verify_checkpoint(ckpt)
+        except (FileNotFoundError, CheckpointError) as e:
+            sys.exit(f"error: --resume: {e}")
+        plan = read_plan(ckpt)
 
     # --- accelerate: checkpoint naming and rotation, metrics (CSV and TensorBoard) ----------
     csv_tracker = CSVTracker(run_dir)
@@ -239,6 +282,9 @@ def _main(argv=None):
         mixed_precision=cfg.run.mixed_precision, log_with=log_with, project_config=project,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     set_seed(cfg.run.seed)
+    if "tensorboard" not in log_with:
+        logger.info("TensorBoard logs off: tensorboard is not installed (pip install "
+                    "\"brevitas-ana[tensorboard]\"); metrics.csv has the same figures")
 
     # --- data -------------------------------------------------------------------------------
     with accelerator.main_process_first():
@@ -251,12 +297,20 @@ def _main(argv=None):
     # workers start afresh each epoch: they copy the dataset with that epoch's augmentation seed
     loader = dict(batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers,
                   persistent_workers=False)
-    train_dl = DataLoader(train_set, shuffle=True, drop_last=True, **loader)
+    resident = cfg.data.loader == "resident"
+    if resident:  # this process's shard of every epoch, augmented on the device
+        train_dl = ResidentLoader(*resident_tensors(train_set), cfg.optim.batch_size,
+                                  cfg.run.seed, device=accelerator.device,
+                                  rank=accelerator.process_index,
+                                  world=accelerator.num_processes)
+    else:
+        train_dl = DataLoader(train_set, shuffle=True, drop_last=True, **loader)
     eval_dl = DataLoader(eval_set, shuffle=False, **loader)
     test_dl = DataLoader(test_set, shuffle=False, **loader)
     if len(train_dl) == 0:
         sys.exit(f"error: batch_size {cfg.optim.batch_size} is larger than the training set "
-                 f"({len(train_set)} images)")
+                 f"({len(train_set)} images"
+                 + (f" over {accelerator.num_processes} processes)" if resident else ")"))
 
     # --- model, ANA controller, optimiser ---------------------------------------------------
     # written beside every set of weights: how to rebuild the network without this config
@@ -269,28 +323,36 @@ def _main(argv=None):
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr,
                                     momentum=cfg.optim.momentum,
                                     weight_decay=cfg.optim.weight_decay)
-    scheduler = make_scheduler(cfg.optim, optimizer)
-    criterion = sqr_hinge_loss if cfg.optim.loss == "sqr_hinge" else nn.functional.cross_entropy
-    # The lr scheduler is epoch-based and stepped here once per epoch: a prepared one would be
-    # stepped once per process.
-    model, optimizer, train_dl, eval_dl, test_dl = accelerator.prepare(
-        model, optimizer, train_dl, eval_dl, test_dl)
+    criterion = (sqr_hinge_loss if cfg.optim.loss == "sqr_hinge" else
+                 functools.partial(nn.functional.cross_entropy,
+                                   label_smoothing=cfg.optim.label_smoothing))
+    # The lr scheduler is stepped here (per epoch, or per step for onecycle), not prepared: a
+    # prepared one would be stepped once per process.
+    if resident:
+        model, optimizer, eval_dl, test_dl = accelerator.prepare(model, optimizer, eval_dl,
+                                                                 test_dl)
+    else:
+        model, optimizer, train_dl, eval_dl, test_dl = accelerator.prepare(
+            model, optimizer, train_dl, eval_dl, test_dl)
     net = accelerator.unwrap_model(model)
     # after prepare, len(train_dl) is this process's share: the steps every process takes
     steps_per_epoch = len(train_dl)
     total_steps = cfg.optim.epochs * steps_per_epoch
     if cfg.optim.max_steps:
         total_steps = min(total_steps, cfg.optim.max_steps)
-    saved = saved_controller(cfg.run.resume, run_dir) if cfg.run.resume else None
-    if saved is not None and saved["total_steps"] != total_steps:
+    planned = plan.get("anneal_steps")
+    if planned is not None and planned != total_steps:
         # extending (or shortening) a run: the annealing keeps the end it was planned with;
         # added epochs train noise-free
-        if cfg.optim.lr_schedule == "cosine":
-            sys.exit("error: --epochs: a run with lr_schedule cosine cannot change its length "
-                     "(the cosine period is the original run's); use step or multistep")
+        if cfg.optim.lr_schedule in FIXED_LENGTH_SCHEDULES:
+            sys.exit(f"error: --epochs: a run with lr_schedule {cfg.optim.lr_schedule} cannot "
+                     f"change its length (the schedule is shaped by the original run's); use "
+                     f"step or multistep")
         logger.info(f"resume with {cfg.optim.epochs} epochs: the annealing keeps its planned "
-                    f"end ({saved['total_steps']} steps); steps past it train noise-free")
-        total_steps = saved["total_steps"]
+                    f"end ({planned} steps); steps past it train noise-free")
+        total_steps = planned
+    plan = {"anneal_steps": total_steps}
+    scheduler = make_scheduler(cfg.optim, optimizer, total_steps)
     controller = None
     if cfg.model.quantiser == "ana":
         try:
@@ -304,25 +366,19 @@ def _main(argv=None):
         # one step in 10: counting every step would cost ~10 % of a CPU step (README, Cost)
         health = brevitas_ana.GradientHealth(controller, every=10)
     progress = Progress()
-    accelerator.register_for_checkpointing(progress, scheduler)
+    accelerator.register_for_checkpointing(progress, scheduler, RuntimeStatsState(net))
     if controller is not None:
         accelerator.register_for_checkpointing(controller)
 
     # --- resume -----------------------------------------------------------------------------
-    if cfg.run.resume:
-        try:
-            ckpt = find_checkpoint(cfg.run.resume, run_dir)
-            verify_checkpoint(ckpt)  # every file, before anything is loaded
-        except (FileNotFoundError, CheckpointError) as e:
-            sys.exit(f"error: resume: {e}")
+    if ckpt is not None:
         try:
             with brevitas_ana.keep_quant_modules():  # the optimiser holds the scale parameters
                 accelerator.load_state(str(ckpt))
         except Exception as e:
-            first = " ".join(str(e).split())[:400]
-            sys.exit(f"error: resume: cannot load {cfg.run.resume!r} into a {cfg.model.name} "
+            sys.exit(f"error: --resume: cannot load {cfg.run.resume!r} into a {cfg.model.name} "
                      f"(W{cfg.model.weight_bit_width}A{cfg.model.act_bit_width}, "
-                     f"{cfg.model.quantiser}) run: {type(e).__name__}: {first}")
+                     f"{cfg.model.quantiser}) run: {load_problem(e)[:400]}")
         logger.info(f"resumed from {ckpt} at epoch {progress.epoch}, step {progress.step}")
     # --- the run starts: only now is anything in the run directory written or removed ------
     if accelerator.is_main_process:
@@ -344,7 +400,8 @@ def _main(argv=None):
         model.train()
         if hasattr(train_dl, "set_epoch"):
             train_dl.set_epoch(progress.epoch)
-        seed_augmentation(train_set, cfg.run.seed, progress.epoch)
+        if not resident:
+            seed_augmentation(train_set, cfg.run.seed, progress.epoch)
         loss_sum = torch.zeros((), device=accelerator.device)
         correct = torch.zeros((), device=accelerator.device)
         seen, t0 = 0, time.time()
@@ -358,6 +415,8 @@ def _main(argv=None):
                 health.after_backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if cfg.optim.lr_schedule in PER_STEP_SCHEDULES:
+                scheduler.step()
             if cfg.optim.clip_weights is not None:
                 with torch.no_grad():
                     for m in net.modules():
@@ -384,7 +443,8 @@ def _main(argv=None):
                 break
         bar.close()
         seconds = time.time() - t0
-        scheduler.step()
+        if cfg.optim.lr_schedule not in PER_STEP_SCHEDULES:
+            scheduler.step()
         # global training statistics of the epoch
         totals = accelerator.reduce(torch.stack([loss_sum, correct.float(),
                                                  torch.tensor(float(seen),
@@ -409,7 +469,7 @@ def _main(argv=None):
             for g, stats in health.read(reduce=accelerator.reduce).items():
                 row.update({f"{k}/{g}": v for k, v in stats.items()})
         accelerator.log(row, step=progress.step)  # metrics.csv and TensorBoard
-        save_checkpoint(accelerator, progress.epoch, spec)
+        save_checkpoint(accelerator, progress.epoch, spec, plan)
         epoch_bar.update()
         logger.info(
             f"epoch {progress.epoch}/{cfg.optim.epochs}: train loss {train_loss:.4f} acc "

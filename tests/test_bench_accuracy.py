@@ -77,3 +77,32 @@ def test_results_are_the_runs_own_and_reproduce_directly(tiny_cifar, tmp_path):
 def test_bad_grids_are_named(grid, match, tmp_path):
     proc = bench(tmp_path / "b", tmp_path, grid, check=False)
     assert proc.returncode != 0 and match in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_grid_run_killed_mid_epoch_resumes_exactly(tiny_cifar, tmp_path):
+    """The bench's runs start from a config file with typed overrides; one killed (SIGKILL) in
+    its second epoch is resumed by the next call of the bench, bit-identical to a run that was
+    never interrupted."""
+    common = (f"data_dir={tiny_cifar} download=false epochs=2 batch_size=16 num_workers=0 "
+              "export=false lr=0.01 sigma_grad_min=0.6")
+    grid = "config=cnv_w2a2 quantiser=ana seed=3"
+
+    def call(out, env=None):
+        return subprocess.run([sys.executable, str(BENCH), "--out", str(out), "--common", common,
+                               "--grid", grid, "--threads", "1"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600, env=dict(os.environ, **(env or {})))
+    straight = call(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = call(tmp_path / "killed", env={"ANA_RECIPE_KILL_AT_STEP": "10"})
+    assert killed.returncode != 0 and "failed (-9)" in killed.stdout + killed.stderr
+    resumed = call(tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    [a] = (tmp_path / "straight").glob("*/*/model.pt")
+    [b] = (tmp_path / "killed").glob("*/*/model.pt")
+    assert "resumed from" in b.parent.with_name(b.parent.name + ".log").read_text()
+    import torch
+    sa, sb = torch.load(a), torch.load(b)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert json.loads((a.parent / "results.json").read_text())["test_acc"] == \
+        json.loads((b.parent / "results.json").read_text())["test_acc"]

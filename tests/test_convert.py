@@ -157,3 +157,7 @@ def test_quantize_timm_errors():
         brevitas_ana.quantize_timm(nn.Sequential(nn.Linear(3, 3)), ana_nosie="normal")
     with pytest.raises(ValueError, match="no Conv2d or Linear"):
         brevitas_ana.quantize_timm(nn.Sequential(nn.ReLU()))
+    # a model's name instead of the model: what to do, not an AttributeError from inside
+    with pytest.raises(TypeError, match=r"^model: quantize_timm takes a torch.nn.Module, got str "
+                                        r"'resnet99'; build it first: quantize_timm\(timm"):
+        brevitas_ana.quantize_timm("resnet99")

@@ -312,10 +312,28 @@ def test_unwritable_output_dir_and_unknown_format(tmp_path):
     model = tiny_qnn("w2a2", False)
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(ExportError, match="--output-dir: cannot write"):
+    # a Python call: the message names the argument, not the command's flag
+    with pytest.raises(ExportError, match="^output_dir: cannot write"):
         export_qnn(model, torch.rand(2, 3, 8, 8), blocker / "sub")
+    with pytest.raises(ExportError, match=f"^output_dir: {blocker} is a file, not a folder"):
+        export_qnn(model, torch.rand(2, 3, 8, 8), blocker)
     with pytest.raises(ExportError, match="unknown"):
         export_qnn(model, torch.rand(2, 3, 8, 8), tmp_path, formats=["tflite"])
+
+
+@pytest.mark.parametrize("images,labels,match", [
+    (torch.rand(6, 3, 8, 8), torch.arange(5), r"^labels: expected one label per image, shape "
+                                              r"\(6,\), got shape \(5,\)"),
+    (torch.rand(6, 3, 8, 8), torch.zeros(6, 2), r"^labels: .* got shape \(6, 2\)"),
+    (torch.rand(6, 3, 8, 12), None, r"^images: the model does not take images of shape "
+                                   r"\[3, 8, 12\]"),
+    (torch.rand(0, 3, 8, 8), None, r"^images: expected a non-empty batch"),
+])
+def test_bad_images_or_labels_are_named_and_nothing_is_written(images, labels, match, tmp_path):
+    with pytest.raises(ExportError, match=match) as error:
+        export_qnn(tiny_qnn("w2a2", False), images, tmp_path / "out", labels=labels)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
 
 
 def test_interrupted_save_leaves_no_file(tmp_path, monkeypatch):
@@ -414,8 +432,9 @@ def test_cli_bad_input_is_a_clear_error(case, trained_run, tmp_path):
         bad = tmp_path / "bad"
         bad.mkdir()
         (bad / "config.json").write_bytes((run / "config.json").read_bytes())
-        (bad / "model.pt").write_bytes(b"garbage")
-        args[1], expected = bad, "not a readable checkpoint"
+        good = (run / "model.pt").read_bytes()  # a byte run overwritten: a corrupt pickle
+        (bad / "model.pt").write_bytes(good[:200] + b"x" * 60 + good[260:])
+        args[1], expected = bad, "not a readable checkpoint (corrupt or truncated?)"
     elif case == "never_trained":
         empty = tmp_path / "empty"
         empty.mkdir()
@@ -443,6 +462,8 @@ def test_cli_bad_input_is_a_clear_error(case, trained_run, tmp_path):
         export_run.main([str(a) for a in args])
     assert str(exit_.value.code).startswith("error: ") and expected in str(exit_.value.code)
     assert "\n" not in str(exit_.value.code)
+    # never the advice to load an unknown file unsafely
+    assert "weights_only" not in str(exit_.value.code)
     assert not list(tmp_path.rglob("*.onnx"))
 
 

@@ -252,6 +252,7 @@ def test_full_run_writes_everything(tiny_cifar, tmp_path):
         assert all(0 < p <= 1 for p in passes[1:-1]) and all(n > 0 for n in norms[1:])
         # backward floor: the backward noise never falls below the family's starting noise
         assert all(float(r[f"sigma_b/{g}"]) >= 0.2886 for g in groups)
+    assert list(out.rglob("events.out.tfevents.*"))  # TensorBoard (the dev extra has it)
     for png in ("accuracy.png", "loss.png", "sigma.png", "sigma_schedule.png", "gradient.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     # accelerate's automatic naming, each folder marked complete once fully written
@@ -325,12 +326,64 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(workers, tiny_c
     assert any(not torch.equal(epoch1[k], sb[k]) for k in sb)  # epoch 1, not the end state
 
 
+def load_every_checkpoint_file(run_dir: Path) -> int:
+    """Load every .bin / .pkl file of every checkpoint as accelerate's resume does
+    (``torch.load(weights_only=True)`` with only accelerate's own safe globals); how many."""
+    from accelerate.utils import load
+    files = [p for p in (run_dir / "checkpoints").rglob("*") if p.suffix in (".bin", ".pkl")]
+    for path in files:
+        load(path, map_location="cpu")
+    return len(files)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+def test_a_run_from_each_shipped_config_resumes_after_sigkill_and_extends(config, tiny_cifar,
+                                                                           tmp_path):
+    """As users start: --config FILE with typed command-line overrides (values jsonargparse
+    types as PositiveInt / NonNegativeFloat), killed mid-epoch, resumed: bit-identical to the
+    run that was never interrupted; every checkpoint file loads weights_only; then extended."""
+    args = ["--config", CONFIGS / f"{config}.yaml", "--data-dir", tiny_cifar, "--no-download",
+            "--epochs", "2", "--batch-size", "16", "--num-workers", "0", "--no-export",
+            "--lr", "0.004", "--optim.weight_decay", "0.0001", "--keep-checkpoints", "3",
+            "--sigma-grad-min", "0.6"]
+    run(args + ["--output-dir", tmp_path / "straight"])
+    out = tmp_path / "killed"
+    # 7 steps per epoch: step 10 is in the middle of epoch 2
+    proc = run(args + ["--output-dir", out], env={"ANA_RECIPE_KILL_AT_STEP": "10"}, check=False)
+    assert proc.returncode == -9 and [p.name for p in (out / "checkpoints").iterdir()] == [
+        "checkpoint_1"]
+    assert load_every_checkpoint_file(out) >= 3  # optimiser, RNG, progress, scheduler (...)
+    run(args + ["--output-dir", out, "--resume", "latest"])
+    a = json.loads((tmp_path / "straight" / "results.json").read_text())
+    b = json.loads((out / "results.json").read_text())
+    assert (b["epochs"], b["steps"]) == (a["epochs"], a["steps"]) == (2, 14)
+    assert b["test_acc"] == a["test_acc"]
+    sa, sb = torch.load(tmp_path / "straight" / "model.pt"), torch.load(out / "model.pt")
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert b["config"]["optim"]["lr"] == 0.004 and b["config"]["run"]["keep_checkpoints"] == 3
+    assert load_every_checkpoint_file(out) >= 6
+    # the finished run extended by an epoch
+    extend = args + ["--output-dir", out, "--resume", "latest", "--epochs", "3"]
+    schedule = parse_args(args).optim.lr_schedule
+    if schedule in ("cosine", "onecycle"):  # shaped by the run's length
+        assert f"lr_schedule {schedule} cannot change its length" in main_error(extend)
+    else:
+        run(extend)
+        assert json.loads((out / "results.json").read_text())["epochs"] == 3
+        assert [int(r["epoch"]) for r in rows(out)] == [1, 2, 3]
+
+
 @pytest.mark.slow
 def test_resume_errors(tiny_cifar, tmp_path):
     out = tmp_path / "run"
     error = main_error(["--data-dir", tiny_cifar, "--output-dir", out, "--resume", "latest"]
                        + QUICK)
-    assert "no checkpoint in" in error
+    assert error == f"error: --resume: no checkpoint in {out / 'checkpoints'}"
+    error = main_error(["--data-dir", tiny_cifar, "--output-dir", out, "--resume",
+                        tmp_path / "weights.pth"] + QUICK)
+    assert error.startswith(f"error: --resume: {tmp_path / 'weights.pth'} is not a checkpoint "
+                            f"directory")
     run(["--data-dir", tiny_cifar, "--epochs", "2", "--no-export", "--output-dir", out] + QUICK)
     # resuming a finished run trains nothing more and keeps its training figures
     before = json.loads((out / "results.json").read_text())
@@ -402,6 +455,12 @@ def test_recipe_help_shows_every_key_with_its_meaning_and_default(capsys):
         assert flag in text, flag
     assert "training epochs (type: PositiveInt, default: 500)" in text
     assert "noise family" in text and "default: uniform" in text
+    # the flat flags users type, each listed (not "..."), and --model as a network's name
+    for flag in ("--subset", "--quantiser", "--no-export", "--data-dir", "--output-dir",
+                 "--resume", "--epochs", "--no-download"):
+        assert f" {flag}," in text or f" {flag}." in text, flag
+    assert "--model NAME the network: --model NAME is --model.name NAME" in text
+    assert "Path to a configuration file" not in text
 
 
 @pytest.mark.slow
@@ -424,6 +483,55 @@ def test_a_finished_run_can_be_extended(tiny_cifar, tmp_path):
     assert results["epochs"] == 3 and results["steps"] == 3 * 7
 
 
+def test_flat_booleans_take_a_value_or_none():
+    assert parse_args(["--download", "false"]).data.download is False
+    assert parse_args(["--download=false"]).data.download is False
+    assert parse_args(["--no-download"]).data.download is False
+    assert parse_args(["--export", "--download", "no"]).run.export is True
+    cfg = parse_args(["--overwrite", "--epochs", "3"])  # a flag's own value is not swallowed
+    assert cfg.run.overwrite is True and cfg.optim.epochs == 3
+    with pytest.raises(ConfigError, match="--download: must be true or false, got 1"):
+        parse_args(["--download", "1"])
+
+
+def test_values_past_the_config_boundary_are_plain_python():
+    """jsonargparse types values as PositiveInt, NonNegativeFloat...; whatever reaches torch
+    (optimiser, scheduler, checkpoints) must be int / float / str / list / dict, or accelerate's
+    weights_only loading refuses it."""
+    cfg = parse_args(["--config", str(CONFIGS / "vgg8_ternary.yaml"), "--lr", "0.01",
+                      "--optim.lr_milestones", "[3, 4]", "--sigma-grad-min", "0.5",
+                      "--groups", '{"a": ["*"]}'])
+
+    def kinds(value):
+        if isinstance(value, dict):
+            return set().union(*(kinds(k) | kinds(v) for k, v in value.items()))
+        if isinstance(value, list):
+            return set().union(set(), *(kinds(v) for v in value))
+        return {type(value)}
+    assert kinds(to_dict(cfg)) <= {int, float, str, bool, type(None)}
+    assert type(cfg.optim.epochs) is int and type(cfg.optim.lr) is float
+    assert [type(m) for m in cfg.optim.lr_milestones] == [int, int]
+
+
+def test_output_dir_that_cannot_be_a_folder_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    args = ["--data-dir", tmp_path / "nodata", "--no-download"] + QUICK
+    assert main_error(args + ["--output-dir", blocker]) == \
+        f"error: --output-dir: {blocker} is a file, not a folder"
+    assert main_error(args + ["--output-dir", blocker / "run"]) == \
+        f"error: --output-dir: {blocker} is a file, so {blocker / 'run'} cannot be created"
+    assert blocker.read_text() == "x" and sorted(tmp_path.iterdir()) == [blocker]
+
+
+def test_subset_cuts_only_the_training_images(tiny_cifar):
+    from brevitas_ana.recipes.data import datasets
+    train, evaluation, test = datasets(tiny_cifar, False, subset=10)
+    assert (len(train), len(evaluation), len(test)) == (10, 40, 40)
+    train, evaluation, test = datasets(tiny_cifar, False, val_split=20, subset=10)
+    assert (len(train), len(evaluation), len(test)) == (10, 20, 40)
+
+
 def test_sigma_plot_is_readable_after_one_epoch(tmp_path):
     """One epoch: markers (not a lone invisible point), integer epoch axis with half an epoch of
     margin, symmetric-log sigma with the noise-free zero marked, input side labelled first."""
@@ -443,3 +551,23 @@ def test_sigma_plot_is_readable_after_one_epoch(tmp_path):
     csv_path = tmp_path / "metrics.csv"
     csv_path.write_text("epoch,train_acc,eval_acc,train_loss,eval_loss,sigma/a\n1,10,11,2,2,0.1\n")
     assert {p.name for p in plot_metrics(csv_path)} == {"accuracy.png", "loss.png", "sigma.png"}
+    # an STE run has no noise: no empty sigma plot
+    (tmp_path / "ste").mkdir()
+    ste = tmp_path / "ste" / "metrics.csv"
+    ste.write_text("epoch,train_acc,eval_acc,train_loss,eval_loss\n1,10,11,2,2\n")
+    assert {p.name for p in plot_metrics(ste)} == {"accuracy.png", "loss.png"}
+
+
+def test_gradient_plot_names_the_groups_it_cannot_measure(tmp_path, monkeypatch):
+    import matplotlib.axes
+    from brevitas_ana.recipes.plot import plot_metrics
+    texts = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "text",
+                        lambda self, x, y, s, **kw: texts.append(s))
+    csv_path = tmp_path / "metrics.csv"
+    csv_path.write_text("epoch,train_acc,eval_acc,train_loss,eval_loss,sigma/in,sigma/c1,"
+                        "grad_pass/in,grad_norm/in,grad_pass/c1,grad_norm/c1\n"
+                        "1,10,11,2,2,0.1,0.1,nan,nan,0.9,0.5\n2,10,11,2,2,0,0,nan,nan,0.8,0.4\n")
+    assert "gradient.png" in {p.name for p in plot_metrics(csv_path)}
+    assert texts == ["not measured (no activation quantiser whose input needs a gradient): in",
+                     "no weights: in"]

@@ -1,0 +1,70 @@
+"""The resident training loader: batched crop and flip against torchvision's per-image
+transforms, epoch draws from (seed, epoch) alone, disjoint equal shards per process."""
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from brevitas_ana.recipes.data import (PAD, ResidentLoader, crop_flip, datasets, epoch_draws,
+                                       resident_tensors)
+
+
+def test_crop_flip_is_torchvisions_pad_crop_flip_per_image():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 32, 32), generator=g, dtype=torch.uint8)
+    dy, dx = torch.randint(0, 2 * PAD + 1, (2, 64), generator=g)
+    flip = torch.rand(64, generator=g) < 0.5
+    out = crop_flip(images, dy, dx, flip)
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    for b in range(64):
+        expected = TF.crop(TF.pad(images[b], [PAD]), int(dy[b]), int(dx[b]), 32, 32)
+        if flip[b]:
+            expected = TF.horizontal_flip(expected)
+        assert torch.equal(out[b], expected), b
+    # the extreme offsets reach the zero padding
+    corner = crop_flip(images[:1], torch.tensor([0]), torch.tensor([0]), torch.tensor([False]))
+    assert corner[0, :, :PAD, :].eq(0).all() and torch.equal(corner[0, :, PAD:, PAD:],
+                                                               images[0, :, :-PAD, :-PAD])
+
+
+def test_epoch_draws_depend_on_seed_and_epoch_only():
+    a, b = epoch_draws(1000, 3, 7), epoch_draws(1000, 3, 7)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    order, dy, dx, flip = a
+    assert sorted(order.tolist()) == list(range(1000))
+    assert 0 <= dy.min() and dy.max() == 2 * PAD and 0 <= dx.min() and dx.max() == 2 * PAD
+    assert 400 < int(flip.sum()) < 600
+    assert not torch.equal(epoch_draws(1000, 3, 8)[0], order)
+    assert not torch.equal(epoch_draws(1000, 4, 7)[0], order)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_shards_are_disjoint_equal_and_the_same_images_as_one_process(world):
+    n, batch = 103, 8
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 32, 32).clone()
+    labels = torch.arange(n)
+    loaders = [ResidentLoader(images, labels, batch, seed=5, rank=r, world=world, augment=False)
+               for r in range(world)]
+    for loader in loaders:
+        loader.set_epoch(2)
+    seen = [[y for _, y in loader] for loader in loaders]
+    assert {len(s) for s in seen} == {n // (batch * world)} == {len(loaders[0])}
+    flat = torch.cat([torch.cat(s) for s in seen])
+    assert len(set(flat.tolist())) == len(flat) == len(loaders[0]) * batch * world
+    # one process visits the epoch's permutation in order; the shards interleave it
+    order = epoch_draws(n, 5, 2)[0]
+    for r, s in enumerate(seen):
+        assert torch.cat(s).tolist() == order[r:len(flat):world].tolist()
+    x, y = next(iter(loaders[0]))
+    assert x.dtype == torch.float32 and torch.allclose(x[:, 0, 0, 0] * 255, y.float())
+
+
+def test_resident_tensors_follow_subsets(tiny_cifar):
+    """Subset of a Subset (subset of the held-out split): the same images and labels as the
+    datasets index them."""
+    train, _, _ = datasets(tiny_cifar, False, val_split=20, subset=30, seed=1)
+    images, labels = resident_tensors(train)
+    assert images.shape == (30, 3, 32, 32) and images.dtype == torch.uint8
+    base = train.dataset.dataset  # Subset(range) of Subset(permutation) of CifarBatches
+    for i in (0, 7, 29):
+        j = train.dataset.indices[train.indices[i]]
+        assert torch.equal(images[i], base.images[j]) and int(labels[i]) == int(base.labels[j])
