@@ -144,7 +144,7 @@ def run_key(config: dict) -> str:
 
 def _identity(config: dict) -> dict:
     from brevitas_ana.recipes.config import flat
-    config = flat(config)  # sections, or the flat keys of runs written before them
+    config = flat(config)
     ignored = ("resume", "overwrite") + (ANA_KEYS if config.get("quantiser") == "ste" else ())
     # keys added since (controller groups and schedules) count only when they are set
     return {k: v for k, v in config.items() if k not in ignored

@@ -150,9 +150,9 @@ def main(argv=None):
                    choices=brevitas_ana.noise.noise_families() + ("all",),
                    help="noise families to compare with stock ('all': every registered one)")
     p.add_argument("--strategy", default="expectation",
-                   choices=brevitas_ana.functional.STRATEGIES)
+                   choices=brevitas_ana.checks.STRATEGIES)
     p.add_argument("--backward", nargs="+", default=["exact"],
-                   choices=brevitas_ana.functional.BACKWARDS, help="backward policies")
+                   choices=brevitas_ana.checks.BACKWARDS, help="backward policies")
     p.add_argument("--sigma-grad-min", type=float, default=None,
                    help="floor of the floor policy (default: the family's starting noise)")
     p.add_argument("--health", action="store_true", help="add gradient-health hooks to ANA")

@@ -50,9 +50,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from brevitas_ana.functional import check_noise_args, check_number, check_sigma
+from brevitas_ana.checks import check_noise_args, check_number, check_sigma
 from brevitas_ana.noise import get_noise
-from brevitas_ana.options import AnaConfig, resolve
+from brevitas_ana.options import AnaConfig
 from brevitas_ana.quant import AnaQuantMixin
 from brevitas_ana.schedules import Constant, Schedule, Window, make_schedule
 
@@ -110,9 +110,7 @@ class AnaController:
             ``sigma=None``: the family's ``default_sigma``), ``backward`` (one of
             :data:`BACKWARD_POLICIES`, table above) and ``sigma_grad_min`` (the backward floor
             of ``floor`` / ``schedule``; ``None``: the family's ``default_sigma``). The noise
-            family and forward strategy are the quantisers' own. The keywords ``sigma=``,
-            ``mu=``, ``backward=``, ``sigma_grad_min=`` of the earlier API still work, with a
-            DeprecationWarning.
+            family and forward strategy are the quantisers' own.
         anneal_end: fraction of ``total_steps`` by which every preset window has ended, in
             (0, 1]; the rest of the run trains noise-free.
         groups: ``None`` (by layer: a layer's quantisers plus the activation quantiser right after
@@ -131,11 +129,10 @@ class AnaController:
                  total_steps: Optional[int] = None, config: Optional[AnaConfig] = None,
                  anneal_end: float = 0.7, groups: Optional[Dict[str, Sequence[str]]] = None,
                  schedules: Optional[Dict[str, dict]] = None, time_unit: str = "step",
-                 steps_per_epoch: Optional[int] = None, example_input=None, **legacy):
-        unknown = sorted(set(legacy) - {"sigma", "mu", "backward", "sigma_grad_min"})
-        if unknown:
-            raise TypeError(f"AnaController: unknown keyword(s) {unknown}")
-        config = resolve(config, legacy, "AnaController")
+                 steps_per_epoch: Optional[int] = None, example_input=None):
+        config = AnaConfig() if config is None else config
+        if not isinstance(config, AnaConfig):
+            raise TypeError(f"config: must be an AnaConfig, got {type(config).__name__}")
         sigma, mu, backward = config.sigma, config.mu, config.backward
         sigma_grad_min = config.sigma_grad_min
         if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -338,20 +335,29 @@ class AnaController:
         return OrderedDict((g, max(s, f)) for g, (s, _, f) in self._noise(t).items())
 
     def apply(self):
-        """Write the current noise into every quantiser. ``step`` and ``load_state_dict`` do it;
-        call it after loading a model state_dict, which makes Brevitas rebuild its quantisers."""
+        """Write the backward policy and the current noise into every quantiser.
+        ``load_state_dict`` does it; call it after loading a model state_dict, which makes
+        Brevitas rebuild its quantisers (new modules, with their own policy)."""
+        for m in self._quantizers_by_name():
+            m.backward = self._quantizer_policy()
+        self._write_noise()
+
+    def _quantizers_by_name(self):
+        # looked up by name: Brevitas replaces quantiser modules when loading a state_dict
+        return [self.model.get_submodule(name) for g in self._groups for name in self._groups[g]]
+
+    def _write_noise(self):
+        """The current noise into every quantiser: values of the schedules, which start from the
+        noise checked at construction, so written without checking them again."""
         for g, (sigma, mu, floor) in self._noise(self.t).items():
             for name in self._groups[g]:
-                # looked up by name: Brevitas replaces quantiser modules when loading a state_dict
-                m = self.model.get_submodule(name)
-                m.backward = self._quantizer_policy()
-                m.set_sigma(sigma, mu, floor)
+                self.model.get_submodule(name)._set_noise(sigma, mu, floor)
 
     def step(self, n: int = 1):
         """Advance time by ``n`` optimiser steps and update every quantiser's noise."""
         self.step_count += n
         if self._groups is not None:
-            self.apply()
+            self._write_noise()
 
     def sigmas(self) -> "OrderedDict[str, float]":
         """{group name: current sigma}, input first."""

@@ -15,9 +15,8 @@ from brevitas.proxy.parameter_quant import WeightQuantProxyFromInjectorBase
 from brevitas.proxy.runtime_quant import ActQuantProxyFromInjectorBase
 from torch import nn
 
-from brevitas_ana.functional import check_sigma
-from brevitas_ana.options import AnaConfig, resolve
-from brevitas_ana.quant import (ANA_OPTIONS, STOCK, TWINS, AnaInt8ActPerTensorFloat,
+from brevitas_ana.options import AnaConfig
+from brevitas_ana.quant import (STOCK, TWINS, AnaInt8ActPerTensorFloat,
                                 AnaInt8WeightPerChannelFloat, AnaQuantMixin, ana_quant,
                                 stock_quant)
 
@@ -52,8 +51,16 @@ def _swap_leaves(proxy: nn.Module, mapping: dict, init) -> int:
     return len(swaps)
 
 
+def _config(config, where: str) -> AnaConfig:
+    config = AnaConfig() if config is None else config
+    if not isinstance(config, AnaConfig):
+        raise TypeError(f"{where}: config must be an AnaConfig, got {type(config).__name__} "
+                        f"{config!r}"[:200])
+    return config
+
+
 def to_ana(model: nn.Module, config: Optional[AnaConfig] = None,
-           filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, **legacy) -> nn.Module:
+           filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> nn.Module:
     """Switch the integer / binary weight and activation quantisers of a Brevitas model to their
     ANA twins with the options of ``config`` (default ``AnaConfig()``), in place; returns the
     model. Weights, learned scales and statistics are kept; the quantisers start noise-free (the
@@ -62,16 +69,9 @@ def to_ana(model: nn.Module, config: Optional[AnaConfig] = None,
     quantisers) to convert; default: all.
 
     Quantisers with no ANA twin (float, ternary-threshold) are left as they are, with a warning;
-    ``ValueError`` if there is nothing to convert. The keywords of the earlier API
-    (``noise=``, ``strategy=``, ``annealed_grad=``, ``sigma=``, ``mu=``, ``backward=``,
-    ``sigma_grad_min=``) still work, with a DeprecationWarning."""
-    if isinstance(config, str):  # to_ana(model, "normal"): the earlier positional noise
-        legacy, config = {"noise": config, **legacy}, None
-    start_sigma = legacy.get("sigma", 0.0)  # the earlier API set the quantisers' initial noise
-    config = resolve(config, legacy, "to_ana")
+    ``ValueError`` if there is nothing to convert."""
+    config = _config(config, "to_ana")
     options = config.injector_options()
-    if start_sigma:
-        options["ana_sigma"] = check_sigma("sigma", start_sigma)
     modules = dict(model.named_modules())
     converted, skipped = 0, []
     for name, proxy in quant_proxies(model):
@@ -135,8 +135,8 @@ def _layer_map(model: nn.Module, weight_bit_width: int, act_bit_width: int, weig
 def quantize_timm(model: nn.Module, weight_bit_width: int = 4, act_bit_width: int = 4,
                   first_layer_bit_width: Optional[int] = 8, last_layer_bit_width: Optional[int] = 8,
                   weight_quant=AnaInt8WeightPerChannelFloat,
-                  act_quant=AnaInt8ActPerTensorFloat, config: Optional[AnaConfig] = None,
-                  **legacy) -> nn.Module:
+                  act_quant=AnaInt8ActPerTensorFloat,
+                  config: Optional[AnaConfig] = None) -> nn.Module:
     """Turn a float timm (or any torch) model into a Brevitas QNN with ANA quantisers.
 
     Every ``Conv2d`` and ``Linear`` becomes a ``QuantConv2d`` / ``QuantLinear`` whose weight
@@ -144,8 +144,7 @@ def quantize_timm(model: nn.Module, weight_bit_width: int = 4, act_bit_width: in
     since timm blocks feed layers with signed residual sums) are quantised, with Brevitas'
     ``layerwise_quantize``. The first and the last such layer (in registration order) use
     ``first_layer_bit_width`` / ``last_layer_bit_width`` for both (``None``: same as the others).
-    ``config`` (an :class:`~brevitas_ana.AnaConfig`) sets the ANA options; the earlier
-    ``ana_noise=...`` keywords still work, with a DeprecationWarning. Weights are kept.
+    ``config`` (an :class:`~brevitas_ana.AnaConfig`) sets the ANA options. Weights are kept.
     """
     from brevitas.graph.quantize import layerwise_quantize
     if not isinstance(model, nn.Module):
@@ -160,13 +159,7 @@ def quantize_timm(model: nn.Module, weight_bit_width: int = 4, act_bit_width: in
             continue
         if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 16:
             raise ValueError(f"{field} must be an integer in [2, 16], got {bits!r}")
-    for key in legacy:
-        if key not in ANA_OPTIONS:
-            raise ValueError(f"{key}: unknown option of quantize_timm; ANA options go in "
-                             f"config=AnaConfig(...)")
-    ana_options = resolve(config, legacy, "quantize_timm", spelling="ana_{}").injector_options()
-    if legacy.get("ana_sigma"):  # the earlier API set the quantisers' initial noise
-        ana_options["ana_sigma"] = check_sigma("ana_sigma", legacy["ana_sigma"])
+    ana_options = _config(config, "quantize_timm").injector_options()
     layer_map = _layer_map(model, weight_bit_width, act_bit_width, weight_quant, act_quant,
                            ana_options)
     layers = [n for n, m in model.named_modules() if type(m) in layer_map]

@@ -14,7 +14,7 @@ import warnings
 import torch
 from torch import Tensor
 
-__all__ = ["fused", "compile_enabled"]
+__all__ = ["fused", "compile_enabled", "compiled_kernels"]
 
 #: Compiled copies by (function, specialisation); ``{function: None}`` once it failed to compile
 #: (no C++ compiler, an unsupported platform): it warns once and runs eagerly from then on.
@@ -30,6 +30,11 @@ COMPILE_SUPPORTED = torch.torch_version.TorchVersion(torch.__version__) >= "2.14
 def compile_enabled() -> bool:
     """True on torch >= 2.14 unless the environment variable ``BREVITAS_ANA_COMPILE`` is ``0``."""
     return COMPILE_SUPPORTED and os.environ.get("BREVITAS_ANA_COMPILE", "1") != "0"
+
+
+def compiled_kernels() -> int:
+    """How many compiled kernel copies this process holds (0 where everything ran eagerly)."""
+    return sum(1 for key, value in _COMPILED.items() if isinstance(key, tuple) and value)
 
 
 def _static_key(args) -> tuple:

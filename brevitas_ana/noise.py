@@ -79,11 +79,11 @@ class NoiseFamily:
         charfn: optional characteristic function ``phi(t) = E[cos(t z)]`` of the standardised
             family (a Python float of a float; real because the family is symmetric). With it the
             sum over the thresholds of an interior stretch is a Fourier series whose terms fall as
-            ``phi(2 pi m sigma)`` (:func:`brevitas_ana.functional.expectation_and_slope`), so the
+            ``phi(2 pi m sigma)`` (:func:`brevitas_ana.expectation.expectation_and_slope`), so the
             cost stops growing with the bit width and ``sigma``.
         cdf_integral: optional ``Psi(z) = integral_{-inf}^{z} F``; with ``pdf_derivatives`` it
             gives the Euler-Maclaurin form of the whole clamped sum for large ``sigma``
-            (:func:`brevitas_ana.functional.euler_maclaurin`).
+            (:func:`brevitas_ana.expectation.euler_maclaurin`).
         pdf_derivatives: optional ``(z, n) -> [f(z), f'(z), ..., f^(n)(z)]``.
         tail_series: optional ``sigma -> (J, k, [c_1 .. c_M], bound_v, bound_s)``: the sum over
             the thresholds past a stair's end beyond the first ``J``, for an element at distance
@@ -91,7 +91,7 @@ class NoiseFamily:
             ``sum_{j>=J} F((-a - 1/2 - j)/sigma) = sum_m c_m y^m``, ``y = exp(-k (a + 1/2 + J))``,
             within ``bound_v`` (its derivative in ``a`` within ``bound_s``). Without it those
             thresholds are summed one by one up to the noise's reach
-            (:func:`brevitas_ana.functional.series_with_ends`).
+            (:func:`brevitas_ana.expectation.series_with_ends`).
     """
 
     name: str

@@ -10,12 +10,10 @@
 """
 from __future__ import annotations
 
-import dataclasses
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
-from brevitas_ana.functional import check_backward, check_noise_args, check_sigma
+from brevitas_ana.checks import check_backward, check_noise_args, check_sigma
 from brevitas_ana.noise import get_noise
 
 
@@ -71,28 +69,3 @@ class AnaConfig:
         return dict(ana_noise=self.noise, ana_strategy=self.strategy,
                     ana_annealed_grad=self.annealed_grad, ana_sigma=0.0, ana_mu=self.mu,
                     ana_backward=self.quantiser_backward, ana_sigma_grad_min=self.sigma_grad_min)
-
-
-FIELDS = tuple(f.name for f in dataclasses.fields(AnaConfig))
-
-
-def resolve(config: Optional[AnaConfig], legacy: dict, where: str,
-            spelling: str = "{}") -> AnaConfig:
-    """``config`` (default ``AnaConfig()``) with the keyword arguments of the earlier API
-    applied, each with a DeprecationWarning; ``spelling`` maps a field to its old keyword.
-    ``TypeError`` naming an unknown keyword."""
-    config = AnaConfig() if config is None else config
-    if not isinstance(config, AnaConfig):
-        raise TypeError(f"{where}: config must be an AnaConfig, got {type(config).__name__}")
-    if not legacy:
-        return config
-    fields = {spelling.format(f): f for f in FIELDS}
-    unknown = sorted(set(legacy) - set(fields))
-    if unknown:
-        raise TypeError(f"{where}: unknown keyword(s) {unknown}; ANA options go in "
-                        f"config=AnaConfig({', '.join(FIELDS)})")
-    warnings.warn(f"{where}({', '.join(f'{k}=...' for k in legacy)}) is deprecated and will be "
-                  f"removed in the next release; pass config=AnaConfig("
-                  f"{', '.join(f'{fields[k]}=...' for k in legacy)})", DeprecationWarning,
-                  stacklevel=3)
-    return dataclasses.replace(config, **{fields[k]: v for k, v in legacy.items()})

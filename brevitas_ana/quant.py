@@ -6,15 +6,16 @@ twin of an injector only swaps that module for a subclass whose rounding is :fun
 while training with noise; proxies, scales, zero points, bit widths, state-dict keys and export
 handlers are Brevitas' own, so eval mode and export are bit-identical to the stock quantiser.
 
-Where sigma is used: :meth:`AnaQuantMixin.noise_args` is read by ``to_int`` (integer quantisers)
-and ``forward`` (binary ones); :func:`set_sigma` and the controller write it.
+Where sigma is used: :meth:`AnaQuantMixin.ana_round` passes it to the rounding, from ``to_int``
+(integer quantisers) and ``forward`` (binary ones); :func:`set_sigma` (checked) and the controller
+(values checked once, where they entered) write it.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
 import warnings
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import brevitas.config
 import torch
@@ -31,8 +32,8 @@ from brevitas.quant import (Int8ActPerTensorFloat, Int8WeightPerChannelFloat,
                             SignedTernaryWeightPerTensorConst, Uint8ActPerTensorFloat)
 from torch import Tensor, nn
 
-from brevitas_ana.functional import (SIGMA_MIN, ana_round, check_backward, check_noise_args,
-                                     check_sigma)
+from brevitas_ana.checks import check_backward, check_noise_args, check_sigma
+from brevitas_ana.functional import SIGMA_MIN, ana_round, ana_round_unchecked
 from brevitas_ana.noise import get_noise
 from brevitas_ana.options import AnaConfig
 
@@ -40,7 +41,7 @@ _DEFAULT = AnaConfig()  # the one set of defaults (brevitas_ana.options)
 
 __all__ = [
     "AnaQuantMixin", "AnaIntQuant", "AnaDecoupledIntQuant", "AnaBinaryQuant",
-    "AnaClampedBinaryQuant", "ana_quant", "stock_quant", "set_sigma", "set_noise", "ana_quantizers",
+    "AnaClampedBinaryQuant", "ana_quant", "stock_quant", "set_sigma", "ana_quantizers",
     "keep_quant_modules",
     "AnaInt8WeightPerTensorFloat", "AnaInt8WeightPerChannelFloat", "AnaInt8ActPerTensorFloat",
     "AnaUint8ActPerTensorFloat", "AnaSignedBinaryWeightPerTensorConst",
@@ -86,16 +87,17 @@ class AnaQuantMixin:
 
     def set_sigma(self, sigma, mu=0.0, sigma_grad_min=None):
         """Set the noise to standard deviation ``sigma`` and mean ``mu`` (steps), and, when given,
-        the backward floor ``sigma_grad_min`` (used by the ``floor`` policy)."""
-        self.sigma, self.mu = check_noise_args(sigma, mu, self.strategy, self.annealed_grad)
-        if sigma_grad_min is not None:
-            self.sigma_grad_min = check_sigma("sigma_grad_min", sigma_grad_min)
+        the backward floor ``sigma_grad_min`` (used by the ``floor`` policy); checked."""
+        sigma, mu = check_noise_args(sigma, mu, self.strategy, self.annealed_grad)
+        self._set_noise(sigma, mu, None if sigma_grad_min is None else
+                        check_sigma("sigma_grad_min", sigma_grad_min))
 
-    def set_noise(self, sigma, mu=0.0, sigma_grad_min=None):
-        """Deprecated spelling of :meth:`set_sigma`."""
-        warnings.warn("set_noise() is deprecated and will be removed in the next release; use "
-                      "set_sigma()", DeprecationWarning, stacklevel=2)
-        self.set_sigma(sigma, mu, sigma_grad_min)
+    def _set_noise(self, sigma: float, mu: float, sigma_grad_min: Optional[float] = None):
+        """:meth:`set_sigma` for values already checked (the controller's schedules of its
+        checked starting noise), at every optimiser step."""
+        self.sigma, self.mu = sigma, mu
+        if sigma_grad_min is not None:
+            self.sigma_grad_min = sigma_grad_min
 
     @property
     def grad_floor(self) -> float:
@@ -109,9 +111,18 @@ class AnaQuantMixin:
         return not self.training or (max(self.sigma, self.grad_floor) < SIGMA_MIN
                                      and self.annealed_grad == "ste")
 
-    def noise_args(self):
+    def noise_args(self) -> dict:
+        """The keyword arguments of :func:`~brevitas_ana.functional.ana_round` this quantiser
+        rounds with."""
         return dict(noise=self.noise, sigma=self.sigma, mu=self.mu, strategy=self.strategy,
                     annealed_grad=self.annealed_grad, sigma_grad_min=self.grad_floor)
+
+    def ana_round(self, y: Tensor, lo: int, hi: int) -> Tensor:
+        """``ana_round(y, lo, hi, **self.noise_args())``, without re-checking options that were
+        checked when they were set."""
+        return ana_round_unchecked(y, lo, hi, get_noise(self.noise), self.sigma, self.mu,
+                                   self.strategy, self.annealed_grad,
+                                   max(self.sigma, self.grad_floor))
 
     def extra_repr(self):
         return (f"noise={self.noise}, sigma={self.sigma:g}, mu={self.mu:g}, "
@@ -151,7 +162,7 @@ class _AnaIntMixin(AnaQuantMixin):
         y = x / scale
         y = y + zero_point
         if not bit_width.requires_grad:
-            return ana_round(y, *self._int_bounds(bit_width), **self.noise_args())
+            return self.ana_round(y, *self._int_bounds(bit_width))
         lo = self.min_int(bit_width)
         hi = self.max_int(bit_width)
         q = ana_round(y, lo, hi, **self.noise_args())
@@ -199,7 +210,7 @@ class _AnaBinaryMixin(AnaQuantMixin):
         if self.sigma < SIGMA_MIN and self.grad_floor < SIGMA_MIN:  # annealed, zero gradient
             q = (y >= 0.5).to(y.dtype)  # same tie at 0 as binary_sign
         else:
-            q = ana_round(y, 0, 1, **self.noise_args())
+            q = self.ana_round(y, 0, 1)
             if self.sigma < SIGMA_MIN:
                 # the stair rounds the tie y = 1/2 (x = 0) half-to-even, to 0; sign gives +1.
                 # Added, not selected, so that the gradient still flows there.
@@ -361,13 +372,6 @@ def set_sigma(model: nn.Module, sigma, mu=0.0, sigma_grad_min=None) -> int:
         raise ValueError("model: no ANA quantiser found (swap quantisers with their Ana* twins "
                          "or convert the model first)")
     return count
-
-
-def set_noise(model: nn.Module, sigma, mu=0.0, sigma_grad_min=None) -> int:
-    """Deprecated spelling of :func:`set_sigma` (it sets sigma, not the noise family)."""
-    warnings.warn("set_noise() is deprecated and will be removed in the next release; use "
-                  "set_sigma()", DeprecationWarning, stacklevel=2)
-    return set_sigma(model, sigma, mu, sigma_grad_min)
 
 
 AnaInt8WeightPerTensorFloat = ana_quant(Int8WeightPerTensorFloat)

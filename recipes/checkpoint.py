@@ -1,5 +1,5 @@
 """Rebuilding a trained network from what the recipes write: a run directory (``model.pt``, or
-its latest ``checkpoints/epoch_NNNN``), one checkpoint directory, or a weights file.
+its latest ``checkpoints/checkpoint_<epoch>``), one checkpoint directory, or a weights file.
 
 The network is rebuilt from the model spec written beside the weights (``model_spec.json``:
 ``{"name": ..., "kwargs": {...}}``, through :func:`models.create_model`), so no training config
@@ -59,15 +59,14 @@ def read_spec(path: Path) -> dict:
 
 
 def spec_from_config(path: Path) -> dict:
-    """The model spec of a recipe config: a YAML file, or a run's config.json (sections, or the
-    flat keys of runs written before them)."""
+    """The model spec of a recipe config: a YAML file, or a run's config.json."""
     from brevitas_ana.recipes.config import ConfigError, flat, from_dict, parse_args
     if not path.is_file():
         raise CheckpointError(f"--config: {path} does not exist")
     try:
         if path.suffix == ".json":
             data = json.loads(path.read_text())
-            cfg = from_dict(data) if "optim" in data else data
+            cfg = from_dict(data)
         else:
             cfg = parse_args(["--config", str(path)])
         return model_spec(**flat(cfg))
@@ -83,15 +82,13 @@ def _number(path: Path) -> int:
 
 
 def checkpoints(run_dir: Path, complete: bool = True):
-    """Checkpoint folders (``checkpoint_<epoch>``; ``epoch_NNNN`` of earlier runs), oldest
+    """Checkpoint folders (``checkpoint_<epoch>``), oldest
     first: the complete ones, or (``complete=False``) the ones a stopped run left half-written."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("checkpoint_")
              and (p / COMPLETE).is_file() == complete]
-    if complete:  # earlier runs renamed complete folders into place
-        found += [p for p in root.glob("epoch_*") if p.is_dir()]
     return sorted(found, key=_number)
 
 

@@ -407,10 +407,11 @@ def to_dict(cfg: RecipeConfig) -> dict:
 
 
 def flat(config) -> dict:
-    """{flat key: value} of a RecipeConfig or its dict (a run's config.json); flat dicts of
-    runs written before the sections pass through."""
+    """{flat key: value} of a RecipeConfig or its dict (a run's config.json)."""
     data = to_dict(config) if isinstance(config, RecipeConfig) else dict(config)
-    if not all(isinstance(data.get(s), dict) for s in _CLASSES):
-        return data
+    missing = [s for s in _CLASSES if not isinstance(data.get(s), dict)]
+    if missing:
+        raise ConfigError(f"a recipe config has the sections {list(_CLASSES)}; missing "
+                          f"{missing}")
     return {k: data[s][("name" if k == "model" else k)] for k, s in
             ((k, v.split(".")[0]) for k, v in FLAT.items())}

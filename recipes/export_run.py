@@ -35,8 +35,8 @@ def run_data_dir(weights: Path):
         if (folder / "config.json").is_file():
             try:
                 config = json.loads((folder / "config.json").read_text())
-                return config.get("data", config).get("data_dir")  # sections, or flat
-            except (OSError, json.JSONDecodeError):
+                return config["data"]["data_dir"]
+            except (OSError, json.JSONDecodeError, KeyError, TypeError):
                 return None
     return None
 

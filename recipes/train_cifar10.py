@@ -68,9 +68,8 @@ class Progress:
 
     def load_state_dict(self, state):
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
-        # checkpoints written before these counters: unknown, not zero
-        self.train_images = int(state.get("train_images", 0))
-        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.train_images = int(state["train_images"])
+        self.train_seconds = float(state["train_seconds"])
 
 
 def sqr_hinge_loss(logits, labels):
@@ -460,7 +459,10 @@ def _main(argv=None):
         row = {"epoch": progress.epoch, "step": progress.step,
                "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
                "train_acc": train_acc, "eval_loss": eval_loss, "eval_acc": eval_acc,
-               "images_per_s": images_per_s}
+               "images_per_s": images_per_s,
+               # time-to-accuracy: training images and seconds so far, resumes included
+               "images_seen": progress.train_images, "train_s": progress.train_seconds,
+               "time": time.time()}  # the wall clock (Unix seconds) when the epoch ended
         if controller is not None:
             row.update({f"sigma/{g}": s for g, s in controller.sigmas().items()})
             row.update({f"mu/{g}": m for g, m in controller.mus().items()})

@@ -30,8 +30,8 @@ def bench(out, data, *grids, check=True, jobs=1):
 @pytest.mark.slow
 def test_results_are_the_runs_own_and_reproduce_directly(tiny_cifar, tmp_path):
     out = tmp_path / "bench"
-    # cnv_w1a2 is not in the benchmark's documented grid; the default preset spelt out
-    # ("preset=progressive") is the same run as "quantiser=ana" and runs once
+    # cnv_w1a2 is not in the benchmark's documented grid; the recipe's default preset spelt out
+    # ("preset=homogeneous") is the same run as "quantiser=ana" and runs once
     grids = ("config=cnv_w1a2 quantiser=ste,ana seed=0,1",
              "config=cnv_w1a2 preset=progressive,homogeneous seed=0")
     proc = bench(out, tiny_cifar, *grids, jobs=2)  # two runs at once, one thread each

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from brevitas_ana.functional import (SERIES_TOL, em_terms, euler_maclaurin, expectation_and_slope,
-                                     periodic_expectation, series_terms, slope_tensor, tail_terms)
+from brevitas_ana.expectation import (SERIES_TOL, em_terms, euler_maclaurin, expectation_and_slope,
+                                      periodic_expectation, series_terms, slope_tensor, tail_terms)
 from brevitas_ana.noise import get_noise
 
 FAMILIES = ["uniform", "triangular", "normal", "logistic"]

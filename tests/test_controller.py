@@ -315,8 +315,10 @@ def test_defaults_are_the_familys_starting_noise_and_the_floor_policy():
     with pytest.raises(ValueError, match="mixes noise families"):
         AnaController(net("normal", "logistic"), total_steps=10)
     # explicit values need no default
-    AnaController(net("normal", "logistic"), total_steps=10, config=AnaConfig(sigma=0.3,
-                                                                              sigma_grad_min=0.3))
+    ctl = AnaController(net("normal", "logistic"), total_steps=10, example_input=torch.randn(2, 8),
+                        config=AnaConfig(sigma=0.3, sigma_grad_min=0.25))
+    assert (ctl.sigma0, ctl.sigma_grad_min) == (0.3, 0.25)
+    assert set(ctl.sigmas().values()) == {0.3} and set(ctl.grad_sigmas().values()) == {0.3}
 
 
 def test_saved_state_with_another_backward_policy_is_refused():

@@ -153,8 +153,6 @@ def test_quantize_timm(name, tmp_path):
 def test_quantize_timm_errors():
     with pytest.raises(ValueError, match="weight_bit_width"):
         brevitas_ana.quantize_timm(nn.Sequential(nn.Linear(3, 3)), weight_bit_width=1)
-    with pytest.raises(ValueError, match="ana_nosie"):
-        brevitas_ana.quantize_timm(nn.Sequential(nn.Linear(3, 3)), ana_nosie="normal")
     with pytest.raises(ValueError, match="no Conv2d or Linear"):
         brevitas_ana.quantize_timm(nn.Sequential(nn.ReLU()))
     # a model's name instead of the model: what to do, not an AttributeError from inside

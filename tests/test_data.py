@@ -68,3 +68,16 @@ def test_resident_tensors_follow_subsets(tiny_cifar):
     for i in (0, 7, 29):
         j = train.dataset.indices[train.indices[i]]
         assert torch.equal(images[i], base.images[j]) and int(labels[i]) == int(base.labels[j])
+
+
+def test_bench_loader_prints_each_loader_beside_the_step_rate(tiny_cifar, capsys):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_loader
+    rates, step = bench_loader.main(["--data-dir", str(tiny_cifar), "--batch-size", "8",
+                                     "--batches", "3", "--rounds", "1", "--steps", "1",
+                                     "--workers", "0"])
+    assert set(rates) == {"resident", "workers 0"} and all(r > 0 for r in rates.values())
+    text = capsys.readouterr().out
+    assert f"| resident | {rates['resident']:,.0f} | {rates['resident'] / step:.1f} |" in text

@@ -398,12 +398,18 @@ def test_cli_exports_and_validates_a_recipe_run(trained_run, tmp_path):
                                        "int"]])
     assert json.loads((tmp_path / "out2" / "report.json").read_text())["num_images"] == 8
     # a batch of one's own instead of CIFAR-10
-    torch.save({"images": torch.rand(6, 3, 32, 32), "labels": torch.arange(6)}, tmp_path / "b.pt")
+    images, labels = torch.rand(6, 3, 32, 32), torch.arange(6)
+    torch.save({"images": images, "labels": labels}, tmp_path / "b.pt")
     export_run.main([str(a) for a in ["--checkpoint", run, "--output-dir", tmp_path / "out3",
                                        "--inputs", tmp_path / "b.pt", "--formats", "qcdq"]])
     report = json.loads((tmp_path / "out3" / "report.json").read_text())
     assert report["num_images"] == 6 and "b.pt" in report["input"]
-    assert report["formats"]["qcdq"]["top1_torch"] is not None
+    # the report's accuracy is the trained model's own on that batch, against those labels
+    from brevitas_ana.recipes.checkpoint import load_trained
+    model, _, _ = load_trained(run)
+    with torch.no_grad():
+        hits = (model(images).argmax(1) == labels).sum().item()
+    assert report["formats"]["qcdq"]["top1_torch"] == pytest.approx(100.0 * hits / 6)
 
 
 @pytest.mark.slow

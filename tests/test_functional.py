@@ -301,7 +301,6 @@ def test_non_finite_inputs_behave_like_stock_brevitas(noise, strategy):
                 (g,) = torch.autograd.grad(out[[0, 1, 3, 4, 5]].sum(), y)
                 assert g[0].item() == 0.0 and g[1].item() == 0.0 and torch.isfinite(g[3:]).all()
             assert torch.equal(out[[0, 1]], want[[0, 1]])
-    assert torch.isnan(stock[2])
 
 
 @pytest.mark.parametrize("strategy", ["expectation", "mode", "random"])
@@ -318,4 +317,4 @@ def test_non_finite_inputs_through_a_quantiser_match_stock(noise, strategy):
     brevitas_ana.set_sigma(ana.train(), 0.3)
     want, got = stock(x), ana(x)
     assert torch.equal(got[0, :2], want[0, :2]) and got[0, 0] == 1.0 and got[0, 1] == -1.0
-    assert torch.isnan(got[0, 2]) and torch.isnan(want[0, 2])
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(got[0, 2])

@@ -20,6 +20,8 @@ CASES = [
 ]
 
 
+@pytest.mark.skipif(not F.COMPILE_SUPPORTED, reason="torch < 2.14 runs the kernels eagerly (it "
+                    "would recompile at every sigma): no compiled kernel to compare")
 @pytest.mark.parametrize("noise,lo,hi,sigma", CASES)
 def test_compiled_matches_eager(monkeypatch, noise, lo, hi, sigma):
     torch.manual_seed(0)
@@ -37,8 +39,7 @@ def test_compiled_matches_eager(monkeypatch, noise, lo, hi, sigma):
         (e_out, e_grad), (c_out, c_grad) = results["0", s], results["1", s]
         torch.testing.assert_close(c_out, e_out, rtol=2e-6, atol=2e-5)
         torch.testing.assert_close(c_grad, e_grad, rtol=2e-3, atol=1e-5)  # half-precision slope
-    # the compiled path really ran, where this torch supports it (>= 2.14; eager before)
-    assert bool(F._COMPILED) == F.COMPILE_SUPPORTED
+    assert F.compiled_kernels() > 0  # the compiled path really ran
 
 
 def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):

@@ -1,5 +1,4 @@
-"""AnaConfig: one options object for ana_quant, to_ana, quantize_timm and the controller; the
-earlier keyword spellings still work for one release, with a DeprecationWarning."""
+"""AnaConfig: one options object for ana_quant, to_ana, quantize_timm and the controller."""
 import dataclasses
 
 import pytest
@@ -77,24 +76,17 @@ def test_filter_fn_picks_layers_like_torchao():
         to_ana(net(), filter_fn=lambda module, name: False)
 
 
-def test_earlier_spellings_warn_and_keep_their_meaning():
-    with pytest.warns(DeprecationWarning, match=r"to_ana\(noise=..., sigma=...\) is deprecated"):
-        old = to_ana(net(), noise="normal", sigma=0.4)
-    # the earlier sigma= set the quantisers' noise; it still does
-    assert {(n, s) for n, _, _, s, *_ in options(old)} == {("normal", 0.4)}
-    with pytest.warns(DeprecationWarning, match="to_ana"):
-        assert {o[0] for o in options(to_ana(net(), "triangular"))} == {"triangular"}
-    with pytest.warns(DeprecationWarning, match=r"quantize_timm\(ana_noise=...\)"):
-        model = brevitas_ana.quantize_timm(timm.create_model("resnet18", num_classes=3),
-                                           ana_noise="normal")
-    assert {o[0] for o in options(model)} == {"normal"}
-    with pytest.warns(DeprecationWarning, match=r"AnaController\(sigma=..., backward=...\)"):
-        ctl = AnaController(to_ana(net()), total_steps=10, sigma=0.2, backward="exact",
-                            example_input=torch.randn(2, 8))
-    assert (ctl.sigma0, ctl.backward) == (0.2, "exact")
-    model = to_ana(net())
-    with pytest.warns(DeprecationWarning, match=r"set_noise\(\) is deprecated"):
-        assert brevitas_ana.set_noise(model, 0.3) == 4
-    assert {o[3] for o in options(model)} == {0.3}
-    with pytest.raises(TypeError, match=r"unknown keyword\(s\) \['noize'\]"):
-        to_ana(net(), noize="normal")
+def test_anything_but_an_anaconfig_is_a_type_error_naming_config():
+    """No keyword spellings beside AnaConfig (the API before it was never released)."""
+    with pytest.raises(TypeError, match="to_ana: config must be an AnaConfig, got str"):
+        to_ana(net(), "normal")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'noise'"):
+        to_ana(net(), noise="normal")
+    with pytest.raises(TypeError, match="quantize_timm: config must be an AnaConfig, got dict"):
+        brevitas_ana.quantize_timm(timm.create_model("resnet18", num_classes=3),
+                                   config={"noise": "normal"})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'sigma'"):
+        AnaController(to_ana(net()), total_steps=10, sigma=0.2)
+    with pytest.raises(TypeError, match="config: must be an AnaConfig"):
+        AnaController(to_ana(net()), total_steps=10, config="uniform")
+    assert not hasattr(brevitas_ana, "set_noise")

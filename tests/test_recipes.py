@@ -242,6 +242,9 @@ def test_full_run_writes_everything(tiny_cifar, tmp_path):
     assert all(float(table[-1][k]) == 0.0 for k in sigma_cols)  # annealed by the end
     assert {"train_loss", "train_acc", "eval_loss", "eval_acc", "lr", "images_per_s"} <= set(
         table[0])
+    # time-to-accuracy columns: cumulative images (7 steps x 16 per epoch) and seconds
+    assert [int(r["images_seen"]) for r in table] == [112, 224]
+    assert 0 < float(table[0]["train_s"]) < float(table[1]["train_s"])
     # gradient health per group: fractions in [0, 1] (nan for the input quantiser, whose input
     # needs no gradient), positive weight-gradient norms (nan for the input group: no weights)
     groups = [k.split("/", 1)[1] for k in sigma_cols]

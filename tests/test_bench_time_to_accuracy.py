@@ -1,0 +1,63 @@
+"""benchmarks/bench_time_to_accuracy.py: the curves are the runs' own figures, a run past its
+budget is stopped, bnn_pynq's log is read as its trainer writes it, finished entries rerun not."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks" / "bench_time_to_accuracy.py"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_time_to_accuracy as tta  # noqa: E402
+
+
+def test_bnn_pynq_log_gives_one_point_per_evaluation(tmp_path):
+    folder = tmp_path / "bnn_pynq" / "CNV_2W2A_20261205"
+    folder.mkdir(parents=True)
+    lines = ["2026-12-05 10:00:00,000 Epoch: [1][0/500]\tLoss 1.0",
+             "2026-12-05 10:03:00,000 Test: [0/100]\tModel Time 0.1 (0.1)\tLoss 0.5 (0.5)\t"
+             "Prec@1 40.000 (40.000)\tPrec@5 90.000 (90.000)\t",
+             "2026-12-05 10:03:30,500 Test: [99/100]\tModel Time 0.1 (0.1)\tLoss 0.5 (0.5)\t"
+             "Prec@1 50.000 (45.500)\tPrec@5 90.000 (90.000)\t",
+             "2026-12-05 10:07:00,000 Test: [99/100]\tModel Time 0.1 (0.1)\tLoss 0.4 (0.4)\t"
+             "Prec@1 60.000 (52.250)\tPrec@5 95.000 (95.000)\t"]
+    (folder / "log.txt").write_text("\n".join(lines) + "\n")
+    import datetime
+    start = datetime.datetime(2026, 12, 5, 10, 0, 0).timestamp()
+    points = tta.bnn_curve(tmp_path / "bnn_pynq", start)
+    assert [(e, round(m, 4), n, a) for e, m, n, a in points] == [
+        (1, round(210.5 / 60, 4), 50_000, 45.5), (2, 7.0, 100_000, 52.25)]
+    assert tta.best_by(points, 5) == 45.5 and tta.best_by(points, 8) == 52.25
+    assert tta.best_by(points, 1) != tta.best_by(points, 1)  # nan: nothing evaluated yet
+
+
+@pytest.mark.slow
+def test_recipe_entries_curves_are_their_metrics(tiny_cifar, tmp_path, monkeypatch):
+    out = tmp_path / "tta"
+    cmd = [sys.executable, str(BENCH), "--out", str(out), "--bits", "w1a1", "--entries",
+           "fast_ste", "long_ana", "--minutes", "0.75", "--data-dir", str(tiny_cifar),
+           "--val-split", "20", "--jobs", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "curves.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for entry in ("fast_ste", "long_ana"):
+        with open(out / entry / "metrics.csv", newline="") as f:
+            metrics = list(csv.DictReader(f))
+        mine = [r for r in rows if r["entry"] == entry]
+        assert metrics and len(mine) == len(metrics)
+        assert [float(r["accuracy"]) for r in mine] == [float(m["eval_acc"]) for m in metrics]
+        assert [int(r["images_seen"]) for r in mine] == [int(m["images_seen"]) for m in metrics]
+        minutes = [float(r["minutes"]) for r in mine]
+        assert minutes == sorted(minutes) and 0 < minutes[0]
+    # the 20-epoch and the 500-epoch recipe on 100 images: both stopped at 45 s
+    long_ana = json.loads((out / "long_ana" / "curve.json").read_text())
+    assert long_ana["points"][-1][0] < 500 and long_ana["seconds"] < 0.75 * 60 + 30
+    assert "best acc by 0.75 min" in (out / "results.md").read_text()
+    assert (out / "time_to_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and json.loads(
+        (out / "long_ana" / "curve.json").read_text()) == long_ana  # not run again
