@@ -54,7 +54,7 @@ from brevitas_ana.checks import check_noise_args, check_number, check_sigma
 from brevitas_ana.noise import get_noise
 from brevitas_ana.options import AnaConfig
 from brevitas_ana.quant import AnaQuantMixin
-from brevitas_ana.schedules import Constant, Schedule, Window, make_schedule
+from brevitas_ana.schedules import Constant, Window, make_schedule
 
 __all__ = ["AnaController", "PRESETS", "BACKWARD_POLICIES"]
 
@@ -336,22 +336,24 @@ class AnaController:
 
     def apply(self):
         """Write the backward policy and the current noise into every quantiser.
-        ``load_state_dict`` does it; call it after loading a model state_dict, which makes
-        Brevitas rebuild its quantisers (new modules, with their own policy)."""
-        for m in self._quantizers_by_name():
-            m.backward = self._quantizer_policy()
+        ``load_state_dict`` does it; so does ``step`` for a quantiser module it has not seen
+        before (Brevitas rebuilds its quantisers when a state_dict is loaded)."""
+        self._known = {}
         self._write_noise()
-
-    def _quantizers_by_name(self):
-        # looked up by name: Brevitas replaces quantiser modules when loading a state_dict
-        return [self.model.get_submodule(name) for g in self._groups for name in self._groups[g]]
 
     def _write_noise(self):
         """The current noise into every quantiser: values of the schedules, which start from the
-        noise checked at construction, so written without checking them again."""
+        noise checked at construction, so written without checking them again. Quantisers are
+        looked up by name; one not seen before (rebuilt by Brevitas) gets the policy too."""
+        known = self.__dict__.setdefault("_known", {})
+        policy = self._quantizer_policy()
         for g, (sigma, mu, floor) in self._noise(self.t).items():
             for name in self._groups[g]:
-                self.model.get_submodule(name)._set_noise(sigma, mu, floor)
+                m = self.model.get_submodule(name)
+                if known.get(name) is not m:
+                    m.backward = policy
+                    known[name] = m
+                m._set_noise(float(sigma), float(mu), float(floor))
 
     def step(self, n: int = 1):
         """Advance time by ``n`` optimiser steps and update every quantiser's noise."""

@@ -417,7 +417,7 @@ def _logistic_tail_series(sigma: float) -> Tuple[int, float, List[float], float,
     b = _LOGISTIC_S * sigma
     k = 1.0 / b
     J = max(int(math.ceil(3.0 * b - 0.5)), 0)
-    y_max, q = math.exp(-k * (J + 0.5)), math.exp(-k)
+    y_max = math.exp(-k * (J + 0.5))
     coeffs = []
     while True:
         m = len(coeffs) + 1

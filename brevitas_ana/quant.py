@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import warnings
 from typing import Iterator, Optional, Tuple
 
 import brevitas.config

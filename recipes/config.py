@@ -407,11 +407,12 @@ def to_dict(cfg: RecipeConfig) -> dict:
 
 
 def flat(config) -> dict:
-    """{flat key: value} of a RecipeConfig or its dict (a run's config.json)."""
+    """{flat key: value} of a RecipeConfig or its dict (a run's config.json); a key the run's
+    version did not have yet is None (such a run is not the same as one with the key set)."""
     data = to_dict(config) if isinstance(config, RecipeConfig) else dict(config)
     missing = [s for s in _CLASSES if not isinstance(data.get(s), dict)]
     if missing:
         raise ConfigError(f"a recipe config has the sections {list(_CLASSES)}; missing "
                           f"{missing}")
-    return {k: data[s][("name" if k == "model" else k)] for k, s in
+    return {k: data[s].get("name" if k == "model" else k) for k, s in
             ((k, v.split(".")[0]) for k, v in FLAT.items())}

@@ -164,7 +164,8 @@ class ResidentLoader:
             images = self.images[index]
             if self.augment:
                 images = crop_flip(images, dy[part], dx[part], flip[part])
-            yield images.float().div_(255), self.labels[index]
+            # torchvision's own scaling, bit for bit what the evaluation images get
+            yield v2.functional.to_dtype(images, torch.float32, scale=True), self.labels[index]
 
 
 def resident_tensors(dataset):

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
@@ -50,8 +51,68 @@ logger = get_logger(__name__)
 logger.logger.setLevel(logging.INFO)
 
 
-# Tests set this to kill the run (SIGKILL, no clean-up) right after that optimiser step.
-KILL_AT_STEP = int(os.environ.get("ANA_RECIPE_KILL_AT_STEP", "0"))
+def step_hooks() -> list:
+    """Callbacks ``hook(step)`` run after every optimiser step. Tests of the resume set
+    ``ANA_RECIPE_KILL_AT_STEP=N``: the process is killed (SIGKILL, no clean-up) right after
+    step N, as a crash or a lost machine would."""
+    kill_at = int(os.environ.get("ANA_RECIPE_KILL_AT_STEP", "0"))
+    if not kill_at:
+        return []
+    return [lambda step: os.kill(os.getpid(), signal.SIGKILL) if step == kill_at else None]
+
+
+class StockSTE:
+    """The annealing of a stock Brevitas STE run: nothing to anneal, measure or save."""
+    checkpointed = ()
+
+    def after_backward(self):
+        pass
+
+    def step(self):
+        pass
+
+    def postfix(self) -> dict:
+        return {}
+
+    def columns(self, reduce) -> dict:
+        return {}
+
+    def plot(self, path):
+        pass
+
+
+class Annealing(StockSTE):
+    """An ANA run's controller (the noise of every group over the run) and its gradient-health
+    counters (how much gradient each group lets through), behind the training loop's calls."""
+
+    def __init__(self, controller: brevitas_ana.AnaController):
+        self.controller = controller
+        # one step in 10: counting every step would cost ~10 % of a CPU step (README, Cost)
+        self.health = brevitas_ana.GradientHealth(controller, every=10)
+        self.checkpointed = (controller,)
+
+    def after_backward(self):
+        self.health.after_backward()
+
+    def step(self):
+        self.controller.step()
+
+    def postfix(self) -> dict:
+        s = list(self.controller.sigmas().values())
+        return {"sigma": f"{min(s):.3g}..{max(s):.3g}"}
+
+    def columns(self, reduce) -> dict:
+        """sigma, mu and backward noise per group now; gradient health over the epoch."""
+        ctl = self.controller
+        row = {f"sigma/{g}": v for g, v in ctl.sigmas().items()}
+        row.update({f"mu/{g}": v for g, v in ctl.mus().items()})
+        row.update({f"sigma_b/{g}": v for g, v in ctl.grad_sigmas().items()})
+        for g, stats in self.health.read(reduce=reduce).items():
+            row.update({f"{k}/{g}": v for k, v in stats.items()})
+        return row
+
+    def plot(self, path):
+        self.controller.plot(path)
 
 
 class Progress:
@@ -239,14 +300,51 @@ def _main(argv=None):
         cfg = parse_args(argv)
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    run_dir, existing, ckpt, plan = check_run(cfg)
+    accelerator, csv_tracker = make_accelerator(cfg, run_dir)
+    data = load_data(cfg, accelerator)
+    run = build(cfg, accelerator, data, plan)
+    if ckpt is not None:
+        resume(cfg, accelerator, run, ckpt)
+    # --- the run starts: only now is anything in the run directory written or removed ------
+    if accelerator.is_main_process:
+        start_run(run_dir, cfg, existing)
+    accelerator.wait_for_everyone()
+    csv_tracker.keep_epochs = run.progress.epoch  # rows of the epochs the resume does not redo
+    accelerator.init_trackers("tensorboard", config={k: v for k, v in flat(cfg).items()
+                                                     if isinstance(v, (int, float, str, bool))})
+    t_start = time.time()
+    agree = True
+    hooks = step_hooks()
+    epoch_bar = tqdm(total=cfg.optim.epochs, initial=run.progress.epoch, desc="epochs",
+                     position=0, disable=None if accelerator.is_local_main_process else True)
+    while not run.done():
+        row = train_epoch(cfg, accelerator, data, run, hooks)
+        agree = agree and rank_agreement(accelerator, run.net)
+        accelerator.log(row, step=run.progress.step)  # metrics.csv and TensorBoard
+        save_checkpoint(accelerator, run.progress.epoch, run.spec, run.plan)
+        epoch_bar.update()
+        logger.info(
+            f"epoch {row['epoch']}/{cfg.optim.epochs}: train loss {row['train_loss']:.4f} acc "
+            f"{row['train_acc']:.2f}% | eval (noise-free) loss {row['eval_loss']:.4f} acc "
+            f"{row['eval_acc']:.2f}% | {row['images_per_s']:.0f} img/s"
+            + ("" if agree else " | RANKS DISAGREE"))
+    epoch_bar.close()
+    finish(cfg, accelerator, data, run, run_dir, agree, t_start)
+
+
+# --- set-up -----------------------------------------------------------------------------------
+
+def check_run(cfg):
+    """(run directory, what it holds, checkpoint to resume or None, its saved plan), checked
+    before anything is built or written. A second run never destroys a first: a folder that
+    holds anything is continued (--resume) or replaced on request (--overwrite), and nothing is
+    written or removed until the run is known to start (data, model and checkpoint loaded)."""
     run_dir = Path(cfg.run.output_dir)
     try:
         check_output_dir(run_dir)
     except OSError as e:
         sys.exit(f"error: --output-dir: {e}")
-    # A second run never destroys a first: a folder that holds anything is continued
-    # (--resume) or replaced on request (--overwrite), and nothing is written or removed until
-    # the run is known to start (data, model and checkpoint loaded: see "the run starts").
     existing = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir()) \
         if run_dir.is_dir() else []
     if cfg.run.resume and cfg.run.overwrite:
@@ -256,18 +354,19 @@ def _main(argv=None):
         sys.exit(f"error: --output-dir: {run_dir} is not empty ({', '.join(existing[:6])}"
                  f"{', ...' if len(existing) > 6 else ''}); continue that run with --resume "
                  f"latest, or replace it with --overwrite")
+    if not cfg.run.resume:
+        return run_dir, existing, None, {}
+    try:
+        ckpt = find_checkpoint(cfg.run.resume, run_dir)
+        verify_checkpoint(ckpt)  # every file, the way the resume will load it
+    except (FileNotFoundError, CheckpointError) as e:
+        sys.exit(f"error: --resume: {e}")
+    return run_dir, existing, ckpt, read_plan(ckpt)
 
-    # the checkpoint a resume loads, every file checked before anything is built
-    ckpt, plan = None, {}
-    if cfg.run.resume:
-        try:
-            ckpt = find_checkpoint(cfg.run.resume, run_dir)
-            verify_checkpoint(ckpt)
-        except (FileNotFoundError, CheckpointError) as e:
-            sys.exit(f"error: --resume: {e}")
-        plan = read_plan(ckpt)
 
-    # --- accelerate: checkpoint naming and rotation, metrics (CSV and TensorBoard) ----------
+def make_accelerator(cfg, run_dir: Path):
+    """accelerate does the bookkeeping: checkpoint naming and rotation, metrics.csv and
+    TensorBoard logs through its trackers."""
     csv_tracker = CSVTracker(run_dir)
     log_with = [csv_tracker]
     try:
@@ -284,8 +383,12 @@ def _main(argv=None):
     if "tensorboard" not in log_with:
         logger.info("TensorBoard logs off: tensorboard is not installed (pip install "
                     "\"brevitas-ana[tensorboard]\"); metrics.csv has the same figures")
+    return accelerator, csv_tracker
 
-    # --- data -------------------------------------------------------------------------------
+
+def load_data(cfg, accelerator) -> SimpleNamespace:
+    """CIFAR-10: training batches (resident on the device, or a DataLoader), evaluation and
+    test loaders."""
     with accelerator.main_process_first():
         try:
             train_set, eval_set, test_set = datasets(cfg.data.data_dir, cfg.data.download,
@@ -304,14 +407,29 @@ def _main(argv=None):
                                   world=accelerator.num_processes)
     else:
         train_dl = DataLoader(train_set, shuffle=True, drop_last=True, **loader)
-    eval_dl = DataLoader(eval_set, shuffle=False, **loader)
-    test_dl = DataLoader(test_set, shuffle=False, **loader)
     if len(train_dl) == 0:
         sys.exit(f"error: batch_size {cfg.optim.batch_size} is larger than the training set "
                  f"({len(train_set)} images"
                  + (f" over {accelerator.num_processes} processes)" if resident else ")"))
+    return SimpleNamespace(train_set=train_set, test_set=test_set, resident=resident,
+                           train_dl=train_dl,
+                           eval_dl=DataLoader(eval_set, shuffle=False, **loader),
+                           test_dl=DataLoader(test_set, shuffle=False, **loader))
 
-    # --- model, ANA controller, optimiser ---------------------------------------------------
+
+class Run(SimpleNamespace):
+    """What trains: model (prepared) and net (unwrapped), optimiser, lr schedule, criterion, the
+    annealing, the progress counters, the model spec and the plan saved with checkpoints."""
+
+    def done(self) -> bool:
+        max_steps = self.cfg.optim.max_steps
+        return (self.progress.epoch >= self.cfg.optim.epochs
+                or bool(max_steps and self.progress.step >= max_steps))
+
+
+def build(cfg, accelerator, data, plan: dict) -> Run:
+    """The network, its optimiser and lr schedule, and (ANA runs) the controller, all
+    registered for checkpointing."""
     # written beside every set of weights: how to rebuild the network without this config
     spec = model_spec(**flat(cfg))
     model = create_model(spec["name"], **spec["kwargs"])
@@ -326,16 +444,16 @@ def _main(argv=None):
                  functools.partial(nn.functional.cross_entropy,
                                    label_smoothing=cfg.optim.label_smoothing))
     # The lr scheduler is stepped here (per epoch, or per step for onecycle), not prepared: a
-    # prepared one would be stepped once per process.
-    if resident:
-        model, optimizer, eval_dl, test_dl = accelerator.prepare(model, optimizer, eval_dl,
-                                                                 test_dl)
+    # prepared one would be stepped once per process. The resident loader shards itself.
+    if data.resident:
+        model, optimizer, data.eval_dl, data.test_dl = accelerator.prepare(
+            model, optimizer, data.eval_dl, data.test_dl)
     else:
-        model, optimizer, train_dl, eval_dl, test_dl = accelerator.prepare(
-            model, optimizer, train_dl, eval_dl, test_dl)
+        model, optimizer, data.train_dl, data.eval_dl, data.test_dl = accelerator.prepare(
+            model, optimizer, data.train_dl, data.eval_dl, data.test_dl)
     net = accelerator.unwrap_model(model)
     # after prepare, len(train_dl) is this process's share: the steps every process takes
-    steps_per_epoch = len(train_dl)
+    steps_per_epoch = len(data.train_dl)
     total_steps = cfg.optim.epochs * steps_per_epoch
     if cfg.optim.max_steps:
         total_steps = min(total_steps, cfg.optim.max_steps)
@@ -350,139 +468,116 @@ def _main(argv=None):
         logger.info(f"resume with {cfg.optim.epochs} epochs: the annealing keeps its planned "
                     f"end ({planned} steps); steps past it train noise-free")
         total_steps = planned
-    plan = {"anneal_steps": total_steps}
     scheduler = make_scheduler(cfg.optim, optimizer, total_steps)
-    controller = None
+    annealing = StockSTE()
     if cfg.model.quantiser == "ana":
         try:
-            controller = brevitas_ana.AnaController(
+            annealing = Annealing(brevitas_ana.AnaController(
                 net, preset=cfg.ana.preset, total_steps=total_steps, config=cfg.ana.options(),
                 anneal_end=cfg.ana.anneal_end, groups=cfg.ana.groups,
                 schedules=cfg.ana.schedules, time_unit="epoch", steps_per_epoch=steps_per_epoch,
-                example_input=torch.rand(2, 3, 32, 32, device=accelerator.device))
+                example_input=torch.rand(2, 3, 32, 32, device=accelerator.device)))
         except ValueError as e:  # groups / schedules from the config that do not fit the model
             sys.exit(f"error: ana: {e}")
-        # one step in 10: counting every step would cost ~10 % of a CPU step (README, Cost)
-        health = brevitas_ana.GradientHealth(controller, every=10)
     progress = Progress()
-    accelerator.register_for_checkpointing(progress, scheduler, RuntimeStatsState(net))
-    if controller is not None:
-        accelerator.register_for_checkpointing(controller)
+    accelerator.register_for_checkpointing(progress, scheduler, RuntimeStatsState(net),
+                                           *annealing.checkpointed)
+    return Run(cfg=cfg, model=model, net=net, optimizer=optimizer, scheduler=scheduler,
+               criterion=criterion, annealing=annealing, progress=progress, spec=spec,
+               plan={"anneal_steps": total_steps})
 
-    # --- resume -----------------------------------------------------------------------------
-    if ckpt is not None:
-        try:
-            with brevitas_ana.keep_quant_modules():  # the optimiser holds the scale parameters
-                accelerator.load_state(str(ckpt))
-        except Exception as e:
-            sys.exit(f"error: --resume: cannot load {cfg.run.resume!r} into a {cfg.model.name} "
-                     f"(W{cfg.model.weight_bit_width}A{cfg.model.act_bit_width}, "
-                     f"{cfg.model.quantiser}) run: {load_problem(e)[:400]}")
-        logger.info(f"resumed from {ckpt} at epoch {progress.epoch}, step {progress.step}")
-    # --- the run starts: only now is anything in the run directory written or removed ------
-    if accelerator.is_main_process:
-        start_run(run_dir, cfg, existing)
-    accelerator.wait_for_everyone()
-    metrics_path = run_dir / "metrics.csv"
-    csv_tracker.keep_epochs = progress.epoch  # rows of the epochs the resume does not redo
-    accelerator.init_trackers("tensorboard", config={k: v for k, v in flat(cfg).items()
-                                                     if isinstance(v, (int, float, str, bool))})
 
-    # --- train ------------------------------------------------------------------------------
+def resume(cfg, accelerator, run: Run, ckpt: Path):
+    try:
+        with brevitas_ana.keep_quant_modules():  # the optimiser holds the scale parameters
+            accelerator.load_state(str(ckpt))
+    except Exception as e:
+        sys.exit(f"error: --resume: cannot load {cfg.run.resume!r} into a {cfg.model.name} "
+                 f"(W{cfg.model.weight_bit_width}A{cfg.model.act_bit_width}, "
+                 f"{cfg.model.quantiser}) run: {load_problem(e)[:400]}")
+    logger.info(f"resumed from {ckpt} at epoch {run.progress.epoch}, step {run.progress.step}")
+
+
+# --- one epoch --------------------------------------------------------------------------------
+
+def train_epoch(cfg, accelerator, data, run: Run, hooks) -> dict:
+    """One epoch of training (or up to max_steps), then the noise-free evaluation; the epoch's
+    metrics row."""
+    progress, model, annealing = run.progress, run.model, run.annealing
+    per_step_lr = cfg.optim.lr_schedule in PER_STEP_SCHEDULES
+    clip = cfg.optim.clip_weights
+    model.train()
+    if hasattr(data.train_dl, "set_epoch"):  # DataLoaders prepared by accelerate have it
+        data.train_dl.set_epoch(progress.epoch)
+    if not data.resident:
+        seed_augmentation(data.train_set, cfg.run.seed, progress.epoch)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    correct = torch.zeros((), device=accelerator.device)
+    seen, t0 = 0, time.time()
     main_proc = accelerator.is_local_main_process  # bars: main process, terminals only
-    t_start = time.time()
-    agree = True
-    epoch_bar = tqdm(total=cfg.optim.epochs, initial=progress.epoch, desc="epochs", position=0,
-                     disable=None if main_proc else True)
-    max_steps = cfg.optim.max_steps
-    while progress.epoch < cfg.optim.epochs and not (max_steps and progress.step >= max_steps):
-        model.train()
-        if hasattr(train_dl, "set_epoch"):
-            train_dl.set_epoch(progress.epoch)
-        if not resident:
-            seed_augmentation(train_set, cfg.run.seed, progress.epoch)
-        loss_sum = torch.zeros((), device=accelerator.device)
-        correct = torch.zeros((), device=accelerator.device)
-        seen, t0 = 0, time.time()
-        bar = tqdm(total=len(train_dl), desc=f"epoch {progress.epoch + 1}/{cfg.optim.epochs}",
-                   position=1, leave=False, disable=None if main_proc else True)
-        for images, labels in train_dl:
-            logits = model(images)
-            loss = criterion(logits.float(), labels)
-            accelerator.backward(loss)
-            if controller is not None:
-                health.after_backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if cfg.optim.lr_schedule in PER_STEP_SCHEDULES:
-                scheduler.step()
-            if cfg.optim.clip_weights is not None:
-                with torch.no_grad():
-                    for m in net.modules():
-                        if isinstance(m, (nn.Conv2d, nn.Linear)):
-                            m.weight.clamp_(-cfg.optim.clip_weights, cfg.optim.clip_weights)
-            if controller is not None:
-                controller.step()
-            progress.step += 1
-            if progress.step == KILL_AT_STEP:  # fault injection for the resume tests
-                os.kill(os.getpid(), signal.SIGKILL)
-            loss_sum += loss.detach() * len(labels)
-            correct += (logits.argmax(1) == labels).sum()
-            seen += len(labels)
-            if main_proc and bar.n % 10 == 0:  # .item() waits for the device: not every step
-                postfix = {"loss": f"{loss_sum.item() / seen:.3f}",
-                           "acc": f"{100 * correct.item() / seen:.1f}",
-                           "img/s": f"{seen * accelerator.num_processes / (time.time() - t0):.0f}"}
-                if controller is not None:
-                    s = list(controller.sigmas().values())
-                    postfix["sigma"] = f"{min(s):.3g}..{max(s):.3g}"
-                bar.set_postfix(postfix, refresh=False)
-            bar.update()
-            if cfg.optim.max_steps and progress.step >= cfg.optim.max_steps:
-                break
-        bar.close()
-        seconds = time.time() - t0
-        if cfg.optim.lr_schedule not in PER_STEP_SCHEDULES:
-            scheduler.step()
-        # global training statistics of the epoch
-        totals = accelerator.reduce(torch.stack([loss_sum, correct.float(),
-                                                 torch.tensor(float(seen),
-                                                              device=accelerator.device)]),
-                                    reduction="sum")
-        train_loss, train_acc = (totals[0] / totals[2]).item(), (100 * totals[1] / totals[2]).item()
-        images_per_s = totals[2].item() / seconds
-        progress.train_images += int(totals[2].item())
-        progress.train_seconds += seconds
-        eval_loss, eval_acc = evaluate(model, eval_dl, criterion, accelerator, "eval")
-        agree = agree and rank_agreement(accelerator, net)
-        progress.epoch += 1
-        row = {"epoch": progress.epoch, "step": progress.step,
-               "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
-               "train_acc": train_acc, "eval_loss": eval_loss, "eval_acc": eval_acc,
-               "images_per_s": images_per_s,
-               # time-to-accuracy: training images and seconds so far, resumes included
-               "images_seen": progress.train_images, "train_s": progress.train_seconds,
-               "time": time.time()}  # the wall clock (Unix seconds) when the epoch ended
-        if controller is not None:
-            row.update({f"sigma/{g}": s for g, s in controller.sigmas().items()})
-            row.update({f"mu/{g}": m for g, m in controller.mus().items()})
-            row.update({f"sigma_b/{g}": s for g, s in controller.grad_sigmas().items()})
-            # the gradient that reached each group during the epoch (brevitas_ana.health)
-            for g, stats in health.read(reduce=accelerator.reduce).items():
-                row.update({f"{k}/{g}": v for k, v in stats.items()})
-        accelerator.log(row, step=progress.step)  # metrics.csv and TensorBoard
-        save_checkpoint(accelerator, progress.epoch, spec, plan)
-        epoch_bar.update()
-        logger.info(
-            f"epoch {progress.epoch}/{cfg.optim.epochs}: train loss {train_loss:.4f} acc "
-            f"{train_acc:.2f}% | eval (noise-free) loss {eval_loss:.4f} acc {eval_acc:.2f}% | "
-            f"{images_per_s:.0f} img/s" + ("" if agree else " | RANKS DISAGREE"))
-    epoch_bar.close()
+    bar = tqdm(total=len(data.train_dl), desc=f"epoch {progress.epoch + 1}/{cfg.optim.epochs}",
+               position=1, leave=False, disable=None if main_proc else True)
+    for images, labels in data.train_dl:
+        logits = model(images)
+        loss = run.criterion(logits.float(), labels)
+        accelerator.backward(loss)
+        annealing.after_backward()
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        if per_step_lr:
+            run.scheduler.step()
+        if clip is not None:  # bnn_pynq's latent-weight clipping
+            with torch.no_grad():
+                for m in run.net.modules():
+                    if isinstance(m, (nn.Conv2d, nn.Linear)):
+                        m.weight.clamp_(-clip, clip)
+        annealing.step()
+        progress.step += 1
+        for hook in hooks:
+            hook(progress.step)
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
+        seen += len(labels)
+        # .item() waits for the device: every 10th step, and only where a bar is drawn
+        if not bar.disable and progress.step % 10 == 0:
+            bar.set_postfix({"loss": f"{loss_sum.item() / seen:.3f}",
+                             "acc": f"{100 * correct.item() / seen:.1f}",
+                             "img/s": f"{seen * accelerator.num_processes / (time.time() - t0):.0f}",
+                             **annealing.postfix()}, refresh=False)
+        bar.update()
+        if run.done():
+            break
+    bar.close()
+    seconds = time.time() - t0
+    if not per_step_lr:
+        run.scheduler.step()
+    # global training statistics of the epoch
+    totals = accelerator.reduce(torch.stack([loss_sum, correct.float(), torch.tensor(
+        float(seen), device=accelerator.device)]), reduction="sum")
+    progress.train_images += int(totals[2].item())
+    progress.train_seconds += seconds
+    eval_loss, eval_acc = evaluate(model, data.eval_dl, run.criterion, accelerator, "eval")
+    progress.epoch += 1
+    return {"epoch": progress.epoch, "step": progress.step,
+            "lr": run.optimizer.param_groups[0]["lr"],
+            "train_loss": (totals[0] / totals[2]).item(),
+            "train_acc": (100 * totals[1] / totals[2]).item(),
+            "eval_loss": eval_loss, "eval_acc": eval_acc,
+            "images_per_s": totals[2].item() / seconds,
+            # time-to-accuracy: training images and seconds so far, resumes included
+            "images_seen": progress.train_images, "train_s": progress.train_seconds,
+            "time": time.time(),  # the wall clock (Unix seconds) when the epoch ended
+            **annealing.columns(accelerator.reduce)}
 
-    # --- the exact quantised model on the test set, results, plots, export ------------------
-    test_loss, test_acc = evaluate(model, test_dl, criterion, accelerator, "test")
-    agree = agree and rank_agreement(accelerator, net)
+
+# --- finish -----------------------------------------------------------------------------------
+
+def finish(cfg, accelerator, data, run: Run, run_dir: Path, agree: bool, t_start: float):
+    """The exact quantised model on the test set; results, weights, plots, export."""
+    test_loss, test_acc = evaluate(run.model, data.test_dl, run.criterion, accelerator, "test")
+    agree = agree and rank_agreement(accelerator, run.net)
     accelerator.end_training()
+    progress = run.progress
     if accelerator.is_main_process:
         import accelerate
         import brevitas
@@ -496,24 +591,22 @@ def _main(argv=None):
             "train_time_s": progress.train_seconds, "command_wall_time_s": time.time() - t_start,
             "train_images_per_s": (progress.train_images / progress.train_seconds
                                    if progress.train_seconds else None),
-            "test_images": len(test_set),
+            "test_images": len(data.test_set),
             "device": str(accelerator.device), "mixed_precision": cfg.run.mixed_precision,
             "versions": {"torch": torch.__version__, "brevitas": brevitas.__version__,
                          "brevitas_ana": brevitas_ana.__version__,
                          "accelerate": accelerate.__version__, "timm": timm.__version__,
                          "python": sys.version.split()[0]}}
-        write_spec(run_dir, spec)
-        atomic_write(run_dir / "model.pt", lambda tmp: torch.save(net.state_dict(), tmp))
-        if metrics_path.exists():
-            plot_metrics(metrics_path)
-        if controller is not None:
-            controller.plot(run_dir / "sigma_schedule.png")
+        write_spec(run_dir, run.spec)
+        atomic_write(run_dir / "model.pt", lambda tmp: torch.save(run.net.state_dict(), tmp))
+        if (run_dir / "metrics.csv").exists():
+            plot_metrics(run_dir / "metrics.csv")
+        run.annealing.plot(run_dir / "sigma_schedule.png")
         if cfg.run.export:
-            results["export"] = export_and_validate(net, test_set, run_dir, accelerator)
+            results["export"] = export_and_validate(run.net, data.test_set, run_dir, accelerator)
         write_json(run_dir / "results.json", results)
-        logger.info(f"test accuracy (exact quantised model, {len(test_set)} test images): "
-                    f"{test_acc:.2f}% -> "
-                          f"{run_dir / 'results.json'}")
+        logger.info(f"test accuracy (exact quantised model, {len(data.test_set)} test images): "
+                    f"{test_acc:.2f}% -> {run_dir / 'results.json'}")
     error = None if agree else "error: processes ended with different parameters or noise"
     if accelerator.num_processes > 1:
         # Leave without tearing gloo down: freeing DDP's reducer joins gloo's worker threads while
