@@ -329,3 +329,27 @@ def test_saved_state_with_another_backward_policy_is_refused():
                           config=AnaConfig(backward="exact"))
     with pytest.raises(ValueError, match="backward"):
         other.load_state_dict(src.state_dict())
+
+
+def test_a_quantiser_brevitas_rebuilds_gets_the_policy_and_noise_at_the_next_step():
+    """Brevitas rebuilds a proxy's quantiser module from its injector (on load_state_dict,
+    calibration): the new module carries the injector's own backward policy. The controller
+    sets the policy once, not every step, but gives it to any module it has not seen before."""
+    exact_act = brevitas_ana.ana_quant(Int8ActPerTensorFloat, config=AnaConfig(backward="exact"))
+    model = nn.Sequential(qnn.QuantIdentity(act_quant=exact_act),
+                          qnn.QuantLinear(8, 4, bias=False, weight_quant=brevitas_ana.ana_quant(
+                              Int8WeightPerTensorFloat, config=AnaConfig(backward="exact"))))
+    ctl = AnaController(model, preset="homogeneous", total_steps=10,
+                        example_input=torch.randn(2, 8),
+                        config=AnaConfig(backward="floor", sigma_grad_min=0.4))
+    ctl.step()
+    quantisers = dict(brevitas_ana.ana_quantizers(model))
+    assert {m.backward for m in quantisers.values()} == {"floor"}
+    model[0].act_quant.init_tensor_quant()  # what a load does
+    rebuilt = dict(brevitas_ana.ana_quantizers(model))
+    fresh = [n for n in rebuilt if rebuilt[n] is not quantisers.get(n)]
+    assert fresh and all(rebuilt[n].backward == "exact" and rebuilt[n].sigma == 0.0
+                         for n in fresh)
+    ctl.step()
+    assert all(rebuilt[n].backward == "floor" and rebuilt[n].sigma_grad_min == 0.4
+               and rebuilt[n].sigma == pytest.approx(ctl.sigmas()["0"]) for n in fresh)
