@@ -60,7 +60,7 @@ def read_spec(path: Path) -> dict:
 
 def spec_from_config(path: Path) -> dict:
     """The model spec of a recipe config: a YAML file, or a run's config.json."""
-    from brevitas_ana.recipes.config import ConfigError, flat, from_dict, parse_args
+    from brevitas_ana.recipes.config import ConfigError, from_dict, parse_args
     if not path.is_file():
         raise CheckpointError(f"--config: {path} does not exist")
     try:
@@ -69,7 +69,7 @@ def spec_from_config(path: Path) -> dict:
             cfg = from_dict(data)
         else:
             cfg = parse_args(["--config", str(path)])
-        return model_spec(**flat(cfg))
+        return model_spec(cfg.model, cfg.ana.options())
     except (ConfigError, json.JSONDecodeError, TypeError) as e:
         raise CheckpointError(f"config {path}: {e}") from None
 

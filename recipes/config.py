@@ -85,10 +85,9 @@ class AnaSection:
     schedules: Optional[Dict[str, Dict[str, dict]]] = None
 
     def options(self) -> brevitas_ana.AnaConfig:
-        return brevitas_ana.AnaConfig(
-            noise=self.noise, strategy=self.strategy, annealed_grad=self.annealed_grad,
-            sigma=self.sigma, mu=self.mu, backward=self.backward,
-            sigma_grad_min=self.sigma_grad_min)
+        """The section's ANA options (its other keys are the controller's)."""
+        return brevitas_ana.AnaConfig(**{f.name: getattr(self, f.name)
+                                         for f in dataclasses.fields(brevitas_ana.AnaConfig)})
 
 
 @dataclass

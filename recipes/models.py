@@ -140,20 +140,16 @@ def resnet18(weight_bit_width: int = 4, act_bit_width: int = 4, quantiser: str =
     return model if quantiser == "ana" else brevitas_ana.to_stock(model)
 
 
-def model_spec(model: str, weight_bit_width: int = 2, act_bit_width: int = 2,
-               in_bit_width: int = 8, quantiser: str = "ana", noise: str = "uniform",
-               strategy: str = "expectation", annealed_grad: str = "ste", **_) -> dict:
-    """The spec ``{"name", "kwargs"}`` of a recipe network, from the recipe's flat keys
-    (:func:`brevitas_ana.recipes.config.flat`; keys other than the model's and ANA's are
-    ignored)."""
-    name = model
-    kwargs = {"quantiser": quantiser,
-              "ana": dict(noise=noise, strategy=strategy, annealed_grad=annealed_grad)}
-    if name in ("cnv", "resnet18"):
-        kwargs.update(weight_bit_width=weight_bit_width, act_bit_width=act_bit_width)
-    if name == "cnv":
-        kwargs["in_bit_width"] = in_bit_width
-    return {"name": name, "kwargs": kwargs}
+def model_spec(model, ana: brevitas_ana.AnaConfig) -> dict:
+    """The spec ``{"name", "kwargs"}`` of a recipe network: the recipe's ``model`` section (the
+    keywords the registered builder takes) and its ANA options, the whole
+    :class:`~brevitas_ana.AnaConfig`."""
+    import dataclasses
+    import inspect
+    takes = inspect.signature(_MODELS[model.name]).parameters if model.name in _MODELS else {}
+    kwargs = {k: v for k, v in dataclasses.asdict(model).items() if k in takes}
+    kwargs["ana"] = dataclasses.asdict(ana)
+    return {"name": model.name, "kwargs": kwargs}
 
 
 def describe(spec: dict) -> str:

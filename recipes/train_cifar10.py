@@ -431,7 +431,7 @@ def build(cfg, accelerator, data, plan: dict) -> Run:
     """The network, its optimiser and lr schedule, and (ANA runs) the controller, all
     registered for checkpointing."""
     # written beside every set of weights: how to rebuild the network without this config
-    spec = model_spec(**flat(cfg))
+    spec = model_spec(cfg.model, cfg.ana.options())
     model = create_model(spec["name"], **spec["kwargs"])
     if cfg.optim.optimizer == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr,

@@ -574,3 +574,21 @@ def test_gradient_plot_names_the_groups_it_cannot_measure(tmp_path, monkeypatch)
     assert "gradient.png" in {p.name for p in plot_metrics(csv_path)}
     assert texts == ["not measured (no activation quantiser whose input needs a gradient): in",
                      "no weights: in"]
+
+
+def test_model_spec_records_the_whole_ana_config_and_rebuilds_it():
+    """The spec beside every set of weights holds the run's AnaConfig whole (not a hand-picked
+    part of it); the network rebuilt from it has quantisers with exactly those options."""
+    import dataclasses
+    import brevitas_ana
+    from brevitas_ana.recipes.models import create_model, model_spec
+    cfg = parse_args(["--config", str(CONFIGS / "cnv_w1a2.yaml"), "--noise", "normal",
+                      "--strategy", "mode", "--backward", "exact", "--sigma-grad-min", "0.3",
+                      "--mu", "0.25"])
+    spec = json.loads(json.dumps(model_spec(cfg.model, cfg.ana.options())))  # as written
+    assert spec["name"] == "cnv" and spec["kwargs"]["weight_bit_width"] == 1
+    assert spec["kwargs"]["ana"] == dataclasses.asdict(cfg.ana.options())
+    model = create_model(spec["name"], **spec["kwargs"])
+    options = {(m.noise, m.strategy, m.backward, m.sigma_grad_min, m.mu)
+               for _, m in brevitas_ana.ana_quantizers(model)}
+    assert options == {("normal", "mode", "exact", 0.3, 0.25)}
