@@ -223,17 +223,18 @@ def torch_logits(model, images: np.ndarray, batch_size: int) -> np.ndarray:
 def export_qnn(model: torch.nn.Module, images, output_dir, labels=None,
                formats: Sequence[str] = FORMATS, tolerance: Optional[Tolerance] = None,
                batch_size: int = 100, input_description: str = INPUT,
-               name: str = "model") -> dict:
+               name: str = "model", unsigned_operands: bool = True) -> dict:
     """Export ``model`` (ANA or stock quantisers) in ``formats`` to ``output_dir`` and validate
     every file on ``images`` (an N x C x H x W float array or tensor, the model's input) against
     the model in eval mode. Returns the report (also written to ``report.json``); its
     ``passed`` is False when an export is beyond ``tolerance``, a quantised layer of the
     integer graph does not run as an integer kernel, or the saturation probe finds onnxruntime's
-    integer kernels wrong on this machine."""
+    integer kernels wrong on this machine. ``unsigned_operands=False`` keeps the quantisers' own
+    operand types in the integer graph (see :func:`graphs.qcdq_to_integer`)."""
     created = not Path(output_dir).exists()
     try:
         return _export(model, images, output_dir, labels, formats, tolerance, batch_size,
-                       input_description, name)
+                       input_description, name, unsigned_operands)
     except BaseException:
         out = Path(output_dir)
         if created and out.is_dir() and not any(out.iterdir()):
@@ -242,7 +243,7 @@ def export_qnn(model: torch.nn.Module, images, output_dir, labels=None,
 
 
 def _export(model, images, output_dir, labels, formats, tolerance, batch_size,
-            input_description, name) -> dict:
+            input_description, name, unsigned_operands) -> dict:
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise ExportError(f"formats: unknown {unknown or 'empty'}; choose from {list(FORMATS)}")
@@ -257,7 +258,7 @@ def _export(model, images, output_dir, labels, formats, tolerance, batch_size,
     qonnx_file = graphs.qonnx_from_torch(model, example)  # static, batch 1: what FINN reads
     qonnx_model = graphs.qonnx_from_torch(model, example, dynamic_batch=True)
     qcdq = graphs.qonnx_to_qcdq(qonnx_model)
-    integer, layers = graphs.qcdq_to_integer(qcdq)
+    integer, layers = graphs.qcdq_to_integer(qcdq, unsigned_operands)
     if not layers:
         raise ExportError("the model has no quantised Conv / Linear layer to export")
     quantum = graphs.output_quantum(qcdq, layers)

@@ -51,9 +51,6 @@ OPSET = 13
 # Ops that only move or select values: they commute with dequantisation s * (q - z), s > 0.
 LAYOUT_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Identity", "Squeeze", "Unsqueeze")
 LAYER_OPS = ("Conv", "MatMul", "Gemm")
-# Give the integer kernels uint8 operands (module docstring, item 3). False keeps the quantisers'
-# own types (int8 weights, int8/uint8 activations): onnxruntime's u8 x s8 / s8 x s8 kernels.
-UNSIGNED_OPERANDS = True
 
 
 class ExportError(ValueError):
@@ -428,12 +425,27 @@ def _make_unsigned(graph: Graph, dq, chain):
             clip.input[index] = graph.add_init(f"{clip.name}_bound_u8", np.array(bound, np.uint8))
 
 
-def _to_integer(graph: Graph, qcdq: Graph, node, nodes: list) -> Layer:
-    layer = Layer(node.name, node.op_type, node.output[0])
+@dataclass
+class _Operands:
+    """What the integer kernel of one layer reads: the input's DequantizeLinear and the chain
+    that makes its integers, the layout ops between them and the layer, the integer weight and
+    the scales and zero points of both."""
+    x_dq: object
+    chain: tuple
+    layout: list
+    s_x: np.ndarray
+    z_x: np.ndarray
+    w_dq: object
+    w_q: np.ndarray
+    s_w: np.ndarray
+    z_w: np.ndarray
+    attrs: dict
+
+
+def _operands(graph: Graph, node, layer: Layer) -> Optional[_Operands]:
+    """The operands of a quantised layer, or None with ``layer.reason`` saying why the
+    integer graph keeps it in float."""
     w_dq = graph.producer.get(node.input[1])
-    if w_dq is None or w_dq.op_type != "DequantizeLinear" or graph.const(w_dq.input[0]) is None:
-        layer.reason = "weight not quantised"
-        return layer
     # the input: DequantizeLinear of quantised integers, possibly behind layout ops
     layout, t = [], node.input[0]
     while t in graph.producer and graph.producer[t].op_type in LAYOUT_OPS:
@@ -444,65 +456,88 @@ def _to_integer(graph: Graph, qcdq: Graph, node, nodes: list) -> Layer:
         x_dq.op_type == "DequantizeLinear" else None
     if chain is None:
         layer.reason = "input not quantised"
-        return layer
+        return None
     s_x, z_x, _ = _dq_params(graph, x_dq)
     if s_x.size != 1:
         layer.reason = "input scale not per tensor"
-        return layer
+        return None
     w_q = graph.const(w_dq.input[0])
     s_w, z_w, w_axis = _dq_params(graph, w_dq)
     attrs = _attrs(node)
     if node.op_type == "Gemm":
         if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
             layer.reason = "Gemm with transA/alpha/beta"
-            return layer
+            return None
         if attrs.get("transB", 0):
             w_q, w_axis = w_q.T, (1 - w_axis if s_w.size > 1 else w_axis)
     out_axis = 0 if node.op_type == "Conv" else 1
     if s_w.size > 1 and w_axis % w_q.ndim != out_axis:
         layer.reason = "weight scale varies along the input axis"
-        return layer
+        return None
     if np.any(z_w != z_w.reshape(-1)[0]):
         layer.reason = "weight zero point varies per channel"
+        return None
+    return _Operands(x_dq, chain, layout, s_x, z_x, w_dq, w_q, s_w, z_w, attrs)
+
+
+def _to_integer(graph: Graph, qcdq: Graph, node, nodes: list,
+                unsigned_operands: bool) -> Optional[Layer]:
+    """The Layer of a Conv / MatMul / Gemm, its integer kernel appended to ``nodes`` when it can
+    run as one; None for a layer whose weight is not quantised (a float layer of the network)."""
+    w_dq = graph.producer.get(node.input[1])
+    if w_dq is None or w_dq.op_type != "DequantizeLinear" or graph.const(w_dq.input[0]) is None:
+        return None
+    layer = Layer(node.name, node.op_type, node.output[0])
+    ops = _operands(graph, node, layer)
+    if ops is None:
         return layer
-    zx, zw = int(z_x.reshape(())), int(z_w.reshape(-1)[0])
-    x_lo, x_hi = _int_range(graph, chain, z_x.dtype)
+    zx, zw = int(ops.z_x.reshape(())), int(ops.z_w.reshape(-1)[0])
+    x_lo, x_hi = _int_range(graph, ops.chain, ops.z_x.dtype)
+    w_q = ops.w_q
     layer.x_range = [x_lo - zx, x_hi - zx]
     layer.w_range = [int(w_q.astype(np.int64).min()) - zw, int(w_q.astype(np.int64).max()) - zw]
-    qcdq_z = qcdq.const(qcdq.producer[x_dq.output[0]].input[2])  # before any shift below
-    layer.qcdq_weight = w_dq.input[0]
+    qcdq_z = qcdq.const(qcdq.producer[ops.x_dq.output[0]].input[2])  # before any shift below
+    layer.qcdq_weight = ops.w_dq.input[0]
     layer.qcdq_x_dtype, layer.qcdq_x_zero_point = qcdq_z.dtype.name, int(qcdq_z.reshape(()))
     layer.qcdq_w_dtype, layer.qcdq_w_zero_point = w_q.dtype.name, zw
-    name = node.name
 
     # Operands as uint8 (module docstring, item 3): shift int8 integers and zero points by 128.
-    if UNSIGNED_OPERANDS and z_x.dtype == np.int8:
-        _make_unsigned(graph, x_dq, chain)
+    if unsigned_operands and ops.z_x.dtype == np.int8:
+        _make_unsigned(graph, ops.x_dq, ops.chain)
         zx += 128
-    if UNSIGNED_OPERANDS and w_q.dtype == np.int8:
+    if unsigned_operands and w_q.dtype == np.int8:
         w_q, zw = (w_q.astype(np.int16) + 128).astype(np.uint8), zw + 128
-    x_dtype = np.uint8 if (UNSIGNED_OPERANDS or z_x.dtype == np.uint8) else np.int8
-    x_int = x_dq.input[0]
-    for op in reversed(layout):  # the same layout ops, on the integers
+    x_dtype = np.uint8 if (unsigned_operands or ops.z_x.dtype == np.uint8) else np.int8
+    layer.x_dtype, layer.x_zero_point = np.dtype(x_dtype).name, zx
+    layer.w_dtype, layer.w_zero_point = w_q.dtype.name, zw
+    _emit_integer(graph, node, layer, ops, w_q, x_dtype, zx, zw, nodes)
+    return layer
+
+
+def _emit_integer(graph: Graph, node, layer: Layer, ops: _Operands, w_q, x_dtype, zx: int,
+                  zw: int, nodes: list):
+    """The layer as ``Cast(ConvInteger | MatMulInteger) * (s_x s_w) [+ bias]``, its input's layout
+    ops replayed on the integers."""
+    name = node.name
+    x_int = ops.x_dq.input[0]
+    for op in reversed(ops.layout):  # the same layout ops, on the integers
         out = graph.fresh(f"{op.name}_int_{name}")
         nodes.append(helper.make_node(op.op_type, [x_int] + list(op.input[1:]), [out],
                                       name=graph.fresh(f"{op.name}_int"), **_attrs(op)))
         x_int = out
-    layer.x_dtype, layer.x_zero_point = np.dtype(x_dtype).name, zx
-    layer.w_dtype, layer.w_zero_point = w_q.dtype.name, zw
     x_zp = graph.add_init(f"{name}_x_zero_point", np.array(zx, x_dtype))
     w_name = graph.add_init(f"{name}_w_int", np.ascontiguousarray(w_q), exact_name=True)
     w_zp = graph.add_init(f"{name}_w_zero_point", np.array(zw, w_q.dtype))
     acc, acc_f = graph.fresh(f"{name}_acc"), graph.fresh(f"{name}_acc_f")
     if node.op_type == "Conv":
-        kernel, kernel_attrs = "ConvInteger", attrs
+        kernel, kernel_attrs = "ConvInteger", ops.attrs
         scale_shape = [1, -1] + [1] * (w_q.ndim - 2)
     else:
         kernel, kernel_attrs = "MatMulInteger", {}
         scale_shape = [-1]
     nodes.append(helper.make_node(kernel, [x_int, w_name, x_zp, w_zp], [acc],
                                   name=f"{name}_integer", **kernel_attrs))
-    out_scale = np.float32(s_x.reshape(())) * s_w.astype(np.float32).reshape(-1)
+    out_scale = np.float32(ops.s_x.reshape(())) * ops.s_w.astype(np.float32).reshape(-1)
     out_scale = out_scale.reshape(scale_shape) if out_scale.size > 1 else out_scale.reshape(())
     scale = graph.add_init(f"{name}_out_scale", out_scale.astype(np.float32))
     bias = _bias(graph, node)
@@ -514,7 +549,6 @@ def _to_integer(graph: Graph, qcdq: Graph, node, nodes: list) -> Layer:
         nodes.append(helper.make_node("Add", [scaled, b], [node.output[0]], name=f"{name}_bias"))
     layer.integer, layer.kernel, layer.weight = True, kernel, w_name
     layer.out_scale = out_scale
-    return layer
 
 
 def _bias(graph: Graph, node) -> Optional[np.ndarray]:
@@ -533,8 +567,12 @@ def _bias(graph: Graph, node) -> Optional[np.ndarray]:
     raise ExportError(f"{node.name}: bias is neither constant nor dequantised constant integers")
 
 
-def qcdq_to_integer(model: onnx.ModelProto):
-    """(integer graph, [Layer]) of a QCDQ graph (module docstring, item 3)."""
+def qcdq_to_integer(model: onnx.ModelProto, unsigned_operands: bool = True):
+    """(integer graph, [Layer]) of a QCDQ graph (module docstring, item 3). ``unsigned_operands``
+    gives the integer kernels uint8 operands (int8 integers and zero points shifted by 128, the
+    same real values); False keeps the quantisers' own types (int8 weights, int8 / uint8
+    activations: onnxruntime's u8 x s8 and s8 x s8 kernels, which saturate on x86 CPUs without
+    VNNI)."""
     qcdq = Graph(model)
     model = copy.deepcopy(model)
     graph = Graph(model)
@@ -543,8 +581,8 @@ def qcdq_to_integer(model: onnx.ModelProto):
         if node.op_type not in LAYER_OPS:
             nodes.append(node)
             continue
-        layer = _to_integer(graph, qcdq, node, nodes)
-        if layer.reason == "weight not quantised":
+        layer = _to_integer(graph, qcdq, node, nodes, unsigned_operands)
+        if layer is None:
             nodes.append(node)  # a float layer of the network, not a quantised one
             continue
         layers.append(layer)

@@ -283,14 +283,14 @@ def test_saturation_probe_finds_what_a_direct_run_finds():
         assert runtime.saturation_probe([unsigned])[0]["exact"]
 
 
-def test_signed_kernels_hazard_is_reported_not_silent(tmp_path, monkeypatch):
+def test_signed_kernels_hazard_is_reported_not_silent(tmp_path):
     """With the quantisers' own operand types (int8 weights), W8A8 runs onnxruntime's u8 x s8
     kernels: on a CPU where they saturate, the report must fail and say so; where they do not,
     it must pass."""
-    monkeypatch.setattr(graphs, "UNSIGNED_OPERANDS", False)
     model = tiny_qnn("w8a8", per_channel=False)
     images, labels = fixed_batch()
-    report = export_qnn(model, images, tmp_path, labels=labels, formats=["int"])
+    report = export_qnn(model, images, tmp_path, labels=labels, formats=["int"],
+                        unsigned_operands=False)
     assert all(r["w_dtype"] == "int8" for r in report["integer_layers"])
     wrong = [r for r in report["saturation_probe"] if not r["exact"]]
     if wrong:
