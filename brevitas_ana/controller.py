@@ -182,7 +182,7 @@ class AnaController:
         for m in self._quantizers.values():
             # every preset starts at g = 1; the controller's policy replaces the quantisers' own
             m.backward = self._quantizer_policy()
-            m.set_sigma(self.sigma0, self.mu0, self.sigma_grad_min)
+            m._set_noise(self.sigma0, self.mu0, self.sigma_grad_min)  # checked above
         if example_input is not None:
             self._order_with(example_input)
         else:

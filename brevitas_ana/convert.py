@@ -80,9 +80,7 @@ def to_ana(model: nn.Module, config: Optional[AnaConfig] = None,
             continue
         if any(isinstance(m, AnaQuantMixin) for m in proxy.modules()):
             continue
-        n = _swap_leaves(proxy, TWINS, lambda m: m._init_ana(
-            config.noise, config.strategy, config.annealed_grad, options["ana_sigma"],
-            config.mu, config.quantiser_backward, config.sigma_grad_min))
+        n = _swap_leaves(proxy, TWINS, lambda m: m._init_ana(config))
         if n == 0:
             if getattr(proxy, "is_quant_enabled", False):
                 skipped.append(name)

@@ -31,7 +31,7 @@ from brevitas.quant import (Int8ActPerTensorFloat, Int8WeightPerChannelFloat,
                             SignedTernaryWeightPerTensorConst, Uint8ActPerTensorFloat)
 from torch import Tensor, nn
 
-from brevitas_ana.checks import check_backward, check_noise_args, check_sigma
+from brevitas_ana.checks import check_noise_args, check_sigma
 from brevitas_ana.functional import SIGMA_MIN, ana_round, ana_round_unchecked
 from brevitas_ana.noise import get_noise
 from brevitas_ana.options import AnaConfig
@@ -73,16 +73,25 @@ class AnaQuantMixin:
     schedule, so nothing needs broadcasting.
     """
 
-    def _init_ana(self, noise, strategy, annealed_grad, sigma, mu, backward="exact",
-                  sigma_grad_min=None):
+    def _init_ana(self, config: AnaConfig, sigma: float = 0.0):
+        """The options of ``config`` (checked when it was made) and the initial noise ``sigma``
+        (steps; 0: noise-free until the controller or :func:`set_sigma` sets it)."""
         check_jit_disabled()
-        family = get_noise(noise)
-        self.noise = family.name
-        self.strategy = strategy
-        self.annealed_grad = annealed_grad
-        self.backward = check_backward(backward)
-        self.sigma_grad_min = family.default_sigma
-        self.set_sigma(sigma, mu, sigma_grad_min)
+        self.noise, self.strategy = config.noise, config.strategy
+        self.annealed_grad, self.backward = config.annealed_grad, config.quantiser_backward
+        self.sigma_grad_min = (get_noise(config.noise).default_sigma
+                               if config.sigma_grad_min is None else config.sigma_grad_min)
+        self.sigma, self.mu = check_sigma("ana_sigma", sigma), config.mu
+
+    @classmethod
+    def _config_of(cls, noise, strategy, annealed_grad, mu, backward, sigma_grad_min):
+        """The AnaConfig of a quantiser's ``ana_*`` keywords (Brevitas injector attributes),
+        checked where they enter; the error names the keyword."""
+        try:
+            return AnaConfig(noise=noise, strategy=strategy, annealed_grad=annealed_grad, mu=mu,
+                             backward=backward, sigma_grad_min=sigma_grad_min)
+        except ValueError as e:
+            raise ValueError(f"ana_{e}") from None
 
     def set_sigma(self, sigma, mu=0.0, sigma_grad_min=None):
         """Set the noise to standard deviation ``sigma`` and mean ``mu`` (steps), and, when given,
@@ -150,8 +159,8 @@ class _AnaIntMixin(AnaQuantMixin):
         super().__init__(narrow_range, signed, input_view_impl, float_to_int_impl,
                          tensor_clamp_impl, quant_delay_steps)
         _check_round(float_to_int_impl)
-        self._init_ana(ana_noise, ana_strategy, ana_annealed_grad, ana_sigma, ana_mu,
-                       ana_backward, ana_sigma_grad_min)
+        self._init_ana(self._config_of(ana_noise, ana_strategy, ana_annealed_grad, ana_mu,
+                                       ana_backward, ana_sigma_grad_min), ana_sigma)
 
     def to_int(self, scale: Tensor, zero_point: Tensor, bit_width: Tensor, x: Tensor) -> Tensor:
         """``y = x / scale + zero_point``, then ``ana_round(y, min_int, max_int, ...)``."""
@@ -228,8 +237,8 @@ class AnaBinaryQuant(_AnaBinaryMixin, BinaryQuant):
                  ana_mu: float = _DEFAULT.mu, ana_backward: str = _DEFAULT.backward,
                  ana_sigma_grad_min: float = _DEFAULT.sigma_grad_min):
         super().__init__(scaling_impl, signed, quant_delay_steps)
-        self._init_ana(ana_noise, ana_strategy, ana_annealed_grad, ana_sigma, ana_mu,
-                       ana_backward, ana_sigma_grad_min)
+        self._init_ana(self._config_of(ana_noise, ana_strategy, ana_annealed_grad, ana_mu,
+                                       ana_backward, ana_sigma_grad_min), ana_sigma)
 
 
 class AnaClampedBinaryQuant(_AnaBinaryMixin, ClampedBinaryQuant):
@@ -242,8 +251,8 @@ class AnaClampedBinaryQuant(_AnaBinaryMixin, ClampedBinaryQuant):
                  ana_mu: float = _DEFAULT.mu, ana_backward: str = _DEFAULT.backward,
                  ana_sigma_grad_min: float = _DEFAULT.sigma_grad_min):
         super().__init__(scaling_impl, tensor_clamp_impl, quant_delay_steps)
-        self._init_ana(ana_noise, ana_strategy, ana_annealed_grad, ana_sigma, ana_mu,
-                       ana_backward, ana_sigma_grad_min)
+        self._init_ana(self._config_of(ana_noise, ana_strategy, ana_annealed_grad, ana_mu,
+                                       ana_backward, ana_sigma_grad_min), ana_sigma)
 
 
 # Stock module -> ANA twin. Wrappers are kept: their inner slot is swapped instead.
