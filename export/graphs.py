@@ -20,7 +20,8 @@
    input's DequantizeLinear and the layer (MaxPool, Reshape, Flatten, Transpose) move to the
    integer side: they commute with ``s * (q - z)`` for ``s > 0``.
 
-   Both operands are given to the kernels as uint8: int8 integers and their zero points are
+   With ``unsigned_operands=True`` (the default) both operands are given to the kernels as
+   uint8: int8 integers and their zero points are
    shifted by +128 (the same real values; activations by rewriting their QuantizeLinear / Clip /
    DequantizeLinear in uint8, weights offline). onnxruntime's u8 x s8 kernels on x86 CPUs
    without VNNI sum pairs of products in int16 with saturation, wrong once

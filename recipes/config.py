@@ -6,7 +6,7 @@
     python recipes/train_cifar10.py --help                                  # every key, typed
 
 The defaults below are the ``cnv_w2a2`` recipe; a config file states only what differs (the
-CNV W1A1 file is three lines). Each key also has its short flat flag, as before the sections
+CNV W1A1 file is two lines). Each key also has its short flat flag, as before the sections
 (``--epochs 3`` is ``--optim.epochs 3``, ``--model vgg8`` is ``--model.name vgg8``,
 ``--no-export`` is ``--run.export false``). The controller's ``groups`` and per-group
 ``schedules`` (:class:`brevitas_ana.AnaController`) go in the ``ana`` section. Unknown keys,
