@@ -111,10 +111,11 @@ def recipe_argv(run, out: Path):
 
 
 def resolved_config(argv) -> dict:
-    """The recipe's own view of a run's config (defaults and config file included)."""
-    from brevitas_ana.recipes.config import ConfigError, flat, parse_args
+    """The recipe's own view of a run's config (defaults and config file included), by
+    section, as a run's config.json holds it."""
+    from brevitas_ana.recipes.config import ConfigError, parse_args, to_dict
     try:
-        return flat(parse_args(argv))
+        return to_dict(parse_args(argv))
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
 
