@@ -179,6 +179,7 @@ class AnaController:
         self._groups: Optional["OrderedDict[str, List[str]]"] = None
         self._schedules = None
         self._pending_state = None
+        self._known: Dict[str, nn.Module] = {}  # quantiser modules given the policy, by name
         for m in self._quantizers.values():
             # every preset starts at g = 1; the controller's policy replaces the quantisers' own
             m.backward = self._quantizer_policy()
@@ -345,7 +346,7 @@ class AnaController:
         """The current noise into every quantiser: values of the schedules, which start from the
         noise checked at construction, so written without checking them again. Quantisers are
         looked up by name; one not seen before (rebuilt by Brevitas) gets the policy too."""
-        known = self.__dict__.setdefault("_known", {})
+        known = self._known
         policy = self._quantizer_policy()
         for g, (sigma, mu, floor) in self._noise(self.t).items():
             for name in self._groups[g]:

@@ -55,9 +55,10 @@ def check_writable(output_dir, name: str = "output_dir") -> Path:
     return out
 
 
-def check_inputs(model: torch.nn.Module, images, labels):
-    """(images, labels) as numpy arrays once they are known to fit: ``images`` a non-empty batch
-    the model takes, ``labels`` one per image. Checked before any file is written."""
+def check_inputs(images, labels):
+    """(images, labels) as numpy arrays once they are known to fit: ``images`` a non-empty batch,
+    ``labels`` one per image. Checked before any file is written; whether the model takes the
+    images shows when its reference outputs are computed, also before any file is written."""
     try:
         images = np.ascontiguousarray(torch.as_tensor(images).float().cpu().numpy())
     except (TypeError, ValueError, RuntimeError) as e:
@@ -69,13 +70,6 @@ def check_inputs(model: torch.nn.Module, images, labels):
         if labels.shape != (len(images),):
             raise ExportError(f"labels: expected one label per image, shape ({len(images)},), "
                               f"got shape {labels.shape}")
-    try:
-        with torch.no_grad():
-            copy.deepcopy(model).float().cpu().eval()(torch.from_numpy(images[:1]))
-    except RuntimeError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ExportError(f"images: the model does not take images of shape "
-                          f"{list(images.shape[1:])} ({first})") from None
     return images, labels
 
 
@@ -249,11 +243,16 @@ def _export(model, images, output_dir, labels, formats, tolerance, batch_size,
         raise ExportError(f"formats: unknown {unknown or 'empty'}; choose from {list(FORMATS)}")
     tolerance = tolerance or Tolerance()
     check_trained(model)
-    images, labels = check_inputs(model, images, labels)
+    images, labels = check_inputs(images, labels)
     out = check_writable(output_dir)
+    try:
+        reference = torch_logits(model, images, batch_size)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ExportError(f"images: the model does not take images of shape "
+                          f"{list(images.shape[1:])} ({first})") from None
     (out / "report.json").unlink(missing_ok=True)  # a stale report must not describe new files
 
-    reference = torch_logits(model, images, batch_size)
     example = torch.from_numpy(images[:1])
     qonnx_file = graphs.qonnx_from_torch(model, example)  # static, batch 1: what FINN reads
     qonnx_model = graphs.qonnx_from_torch(model, example, dynamic_batch=True)
