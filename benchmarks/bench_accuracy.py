@@ -182,6 +182,8 @@ def row_of(run, run_dir: Path) -> dict:
             "noise": cfg["noise"] if cfg["quantiser"] == "ana" else "",
             "test_acc": res["test_acc"], "steps": res["steps"], "epochs": res["epochs"],
             "best_eval_acc": max(float(r["eval_acc"]) for r in metrics) if metrics else "",
+            # the held-out training images' accuracy at the end: what settings are chosen on
+            "val_acc": float(metrics[-1]["eval_acc"]) if metrics and cfg.get("val_split") else "",
             "train_images_per_s": res.get("train_images_per_s"),
             "train_time_s": res.get("train_time_s", res.get("wall_time_s")),
             "device": res.get("device"),
@@ -204,36 +206,58 @@ def read_csv(path: Path):
         return list(csv.DictReader(f))
 
 
+def _stats(values):
+    mean = statistics.mean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def summarise(rows):
-    """[(config, setting, n, mean, std, diff to STE mean, images/s)]: by config, STE first,
-    then in first-seen order."""
+    """[(config, setting, n, mean, std, diff to STE mean, images/s)] of the test accuracy, and
+    the same of the validation accuracy (``val_*``, NaN unless every run held out a validation
+    split): by config, STE first, then in first-seen order."""
     groups = {}
     configs = list(dict.fromkeys(r["config"] for r in rows))
     for r in sorted(rows, key=lambda r: (configs.index(r["config"]), r["quantiser"] != "ste")):
         groups.setdefault((r["config"], r["setting"], r["quantiser"]), []).append(r)
+    def val(rs):
+        return [x["val_acc"] for x in rs] if all(x["val_acc"] != "" for x in rs) else None
+
     ste = {c: statistics.mean(x["test_acc"] for x in rs)
            for (c, s, q), rs in groups.items() if q == "ste"}
+    ste_val = {c: statistics.mean(val(rs)) for (c, s, q), rs in groups.items()
+               if q == "ste" and val(rs)}
     out = []
     for (config, setting, quantiser), rs in groups.items():
-        accs = [x["test_acc"] for x in rs]
-        mean = statistics.mean(accs)
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        mean, std = _stats([x["test_acc"] for x in rs])
+        val_mean, val_std = _stats(val(rs)) if val(rs) else (math.nan, math.nan)
         speed = [x["train_images_per_s"] for x in rs if x["train_images_per_s"]]
-        out.append(dict(config=config, setting=setting, quantiser=quantiser, n=len(accs),
+        out.append(dict(config=config, setting=setting, quantiser=quantiser, n=len(rs),
                         mean=mean, std=std,
                         diff=mean - ste[config] if config in ste else math.nan,
+                        val_mean=val_mean, val_std=val_std,
+                        val_diff=val_mean - ste_val.get(config, math.nan),
                         images_per_s=statistics.mean(speed) if speed else math.nan))
     return out
 
 
 def markdown(summary, rows) -> str:
     budget = {(r["config"]): (r["steps"], r["epochs"], r["device"], r["torch"]) for r in rows}
-    lines = ["| config | setting | runs | test top-1 (%) | vs STE (points) | train img/s |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    # with a validation split, its columns come last: settings are chosen on them, not on test
+    with_val = any(not math.isnan(s["val_mean"]) for s in summary)
+    extra = " val top-1 (%) | val vs STE |" if with_val else ""
+    lines = ["| config | setting | runs | test top-1 (%) | vs STE (points) | train img/s |" + extra,
+             "| --- | --- | --- | --- | --- | --- |" + " --- | --- |" * with_val]
+
+    def vs(s, key):
+        return "" if s["quantiser"] == "ste" or math.isnan(s[key]) else f"{s[key]:+.2f}"
+
     for s in summary:
-        diff = "" if s["quantiser"] == "ste" or math.isnan(s["diff"]) else f"{s['diff']:+.2f}"
-        lines.append(f"| {s['config']} | {s['setting']} | {s['n']} | {s['mean']:.2f} +- "
-                     f"{s['std']:.2f} | {diff} | {s['images_per_s']:.0f} |")
+        line = (f"| {s['config']} | {s['setting']} | {s['n']} | {s['mean']:.2f} +- "
+                f"{s['std']:.2f} | {vs(s, 'diff')} | {s['images_per_s']:.0f} |")
+        if with_val:
+            line += (" |" if math.isnan(s["val_mean"]) else
+                     f" {s['val_mean']:.2f} +- {s['val_std']:.2f} |") + f" {vs(s, 'val_diff')} |"
+        lines.append(line)
     lines.append("")
     for config, (steps, epochs, device, torch_version) in budget.items():
         lines.append(f"{config}: {steps} steps ({epochs} epochs) per run, device {device}, "

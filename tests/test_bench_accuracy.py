@@ -15,9 +15,9 @@ BENCH = ROOT / "benchmarks" / "bench_accuracy.py"
 RECIPE = ROOT / "recipes" / "train_cifar10.py"
 
 
-def bench(out, data, *grids, check=True, jobs=1):
+def bench(out, data, *grids, check=True, jobs=1, common=""):
     common = (f"data_dir={data} download=false epochs=1 max_steps=3 batch_size=8 "
-              "num_workers=0 export=false")
+              "num_workers=0 export=false " + common)
     cmd = [sys.executable, str(BENCH), "--out", str(out), "--common", common, "--jobs", str(jobs)]
     for g in grids:
         cmd += ["--grid", g]
@@ -34,7 +34,8 @@ def test_results_are_the_runs_own_and_reproduce_directly(tiny_cifar, tmp_path):
     # ("preset=homogeneous") is the same run as "quantiser=ana" and runs once
     grids = ("config=cnv_w1a2 quantiser=ste,ana seed=0,1",
              "config=cnv_w1a2 preset=progressive,homogeneous seed=0")
-    proc = bench(out, tiny_cifar, *grids, jobs=2)  # two runs at once, one thread each
+    # 20 training images held out: the table's validation columns, what settings are chosen on
+    proc = bench(out, tiny_cifar, *grids, jobs=2, common="val_split=20")  # 2 at once, 1 thread
     assert "5 runs, 0 already finished, 5 to run (2 at once)" in proc.stdout
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -42,11 +43,17 @@ def test_results_are_the_runs_own_and_reproduce_directly(tiny_cifar, tmp_path):
     for r in rows:
         res = json.loads((out / r["run"] / "results.json").read_text())
         assert float(r["test_acc"]) == res["test_acc"] and int(r["steps"]) == 3
-    # the table's mean and std over seeds are those of the rows
+        with open(out / r["run"] / "metrics.csv", newline="") as f:
+            assert float(r["val_acc"]) == float(list(csv.DictReader(f))[-1]["eval_acc"])
+    # the table's mean and std over seeds are those of the rows, test and validation
     ste = [float(r["test_acc"]) for r in rows if r["quantiser"] == "ste"]
+    ste_val = [float(r["val_acc"]) for r in rows if r["quantiser"] == "ste"]
     table = (out / "results.md").read_text()
-    assert (f"| cnv_w1a2 | STE (stock Brevitas) | 2 | {statistics.mean(ste):.2f} +- "
-            f"{statistics.stdev(ste):.2f} |") in table
+    line = next(x for x in table.splitlines() if x.startswith("| cnv_w1a2 | STE"))
+    assert line.startswith(f"| cnv_w1a2 | STE (stock Brevitas) | 2 | {statistics.mean(ste):.2f} +- "
+                           f"{statistics.stdev(ste):.2f} |")
+    assert f"| {statistics.mean(ste_val):.2f} +- {statistics.stdev(ste_val):.2f} |" in line
+    assert "val top-1 (%)" in table.splitlines()[0]
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     # one run reproduced by the recipe itself, with the same flags and torch threads (the
     # float sums, and so a 3-step run's test accuracy, depend on the thread count)
@@ -57,13 +64,14 @@ def test_results_are_the_runs_own_and_reproduce_directly(tiny_cifar, tmp_path):
                     str(ROOT / "recipes/configs/cnv_w1a2.yaml"), "--data-dir", str(tiny_cifar),
                     "--no-download", "--epochs", "1", "--max-steps", "3", "--batch-size", "8",
                     "--num-workers", "0", "--no-export", "--preset", "homogeneous", "--seed", "0",
+                    "--val-split", "20",
                     "--output-dir", str(direct)], cwd=ROOT, check=True, capture_output=True,
                    timeout=600, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
     assert json.loads((direct / "results.json").read_text())["test_acc"] == \
         float(homo["test_acc"])
     # a second call finds every run finished and runs nothing
     stamp = (out / homo["run"] / "results.json").stat().st_mtime_ns
-    proc = bench(out, tiny_cifar, *grids)
+    proc = bench(out, tiny_cifar, *grids, common="val_split=20")
     assert "5 runs, 5 already finished, 0 to run" in proc.stdout
     assert (out / homo["run"] / "results.json").stat().st_mtime_ns == stamp
 
