@@ -16,6 +16,10 @@ ANNEALED_GRADS = ("ste", "zero")
 #: Backward policies of a quantiser: the derivative of the forward's expectation (``exact``) or
 #: of the expectation at ``max(sigma, sigma_grad_min)`` (``floor``).
 BACKWARDS = ("exact", "floor")
+#: The controller's annealing presets (:class:`~brevitas_ana.AnaController`).
+PRESETS = ("homogeneous", "progressive", "partition", "same_start", "same_end", "static")
+#: The controller's backward policies: a quantiser's own, or the floor on a schedule.
+BACKWARD_POLICIES = ("exact", "floor", "schedule")
 
 Number = Union[float, int, Tensor]
 

@@ -50,16 +50,15 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from brevitas_ana.checks import check_noise_args, check_number, check_sigma
+from brevitas_ana.checks import (BACKWARD_POLICIES, PRESETS, check_noise_args, check_number,
+                                 check_sigma)
 from brevitas_ana.noise import get_noise
-from brevitas_ana.options import AnaConfig
+from brevitas_ana.options import DEFAULT_ANNEAL_END, DEFAULT_PRESET, AnaConfig
 from brevitas_ana.quant import AnaQuantMixin
 from brevitas_ana.schedules import Constant, Window, make_schedule
 
 __all__ = ["AnaController", "PRESETS", "BACKWARD_POLICIES"]
 
-PRESETS = ("homogeneous", "progressive", "partition", "same_start", "same_end", "static")
-BACKWARD_POLICIES = ("exact", "floor", "schedule")
 _ROLES = (("weight_quant", "weight"), ("input_quant", "input"), ("output_quant", "output"),
           ("act_quant", "act"))
 
@@ -125,9 +124,9 @@ class AnaController:
             without it they are ordered by the model's first forward pass.
     """
 
-    def __init__(self, model: nn.Module, preset: str = "progressive",
+    def __init__(self, model: nn.Module, preset: str = DEFAULT_PRESET,
                  total_steps: Optional[int] = None, config: Optional[AnaConfig] = None,
-                 anneal_end: float = 0.7, groups: Optional[Dict[str, Sequence[str]]] = None,
+                 anneal_end: float = DEFAULT_ANNEAL_END, groups: Optional[Dict[str, Sequence[str]]] = None,
                  schedules: Optional[Dict[str, dict]] = None, time_unit: str = "step",
                  steps_per_epoch: Optional[int] = None, example_input=None):
         config = AnaConfig() if config is None else config

@@ -11,10 +11,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
-from brevitas_ana.checks import check_backward, check_noise_args, check_sigma
+from brevitas_ana.checks import (ANNEALED_GRADS, BACKWARD_POLICIES, STRATEGIES, check_backward,
+                                 check_noise_args, check_sigma)
 from brevitas_ana.noise import get_noise
+
+# The defaults, measured together on CNV W2A2 and W1A1 (squared hinge, bnn_pynq's optimiser) and
+# a 4-bit ResNet-18 (cross entropy, Adam 1e-3) against stock Brevitas STE: docs/accuracy.md,
+# "The defaults". The recipes inherit them (recipes/config.py); change them here only.
+#: The backward floor: uniform noise of half-width one step (std 1/sqrt(3)), whose gradient
+#: reaches as far as Brevitas' STE (the family's starting noise, 0.2887, starves the gradient).
+DEFAULT_SIGMA_GRAD_MIN = 0.5774
+#: :class:`~brevitas_ana.AnaController`'s preset: every group anneals over the same window.
+DEFAULT_PRESET = "homogeneous"
+#: :class:`~brevitas_ana.AnaController`'s ``anneal_end``: windows end at 70 % of the run.
+DEFAULT_ANNEAL_END = 0.7
 
 
 @dataclass(frozen=True)
@@ -31,15 +43,17 @@ class AnaConfig:
     - ``mu``: the noise mean (steps); 0.5 is the reference's dynamic mean;
     - ``backward``: ``floor`` (the derivative of the expectation at ``max(sigma,
       sigma_grad_min)``), ``exact`` (at ``sigma``), or, for the controller, ``schedule``;
-    - ``sigma_grad_min``: the backward floor (steps); ``None``: the family's ``default_sigma``.
+    - ``sigma_grad_min``: the backward floor (std, steps), by default 0.5774 (uniform noise of
+      half-width one step, as far as Brevitas' STE reaches); ``None``: the family's
+      ``default_sigma``.
     """
     noise: str = "uniform"
-    strategy: str = "expectation"
-    annealed_grad: str = "ste"
+    strategy: Literal[STRATEGIES] = "expectation"
+    annealed_grad: Literal[ANNEALED_GRADS] = "ste"
     sigma: Optional[float] = None
     mu: float = 0.0
-    backward: str = "floor"
-    sigma_grad_min: Optional[float] = None
+    backward: Literal[BACKWARD_POLICIES] = "floor"
+    sigma_grad_min: Optional[float] = DEFAULT_SIGMA_GRAD_MIN
 
     def __post_init__(self):
         family = get_noise(self.noise)  # ValueError naming the known families

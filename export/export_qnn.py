@@ -24,7 +24,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -40,18 +40,26 @@ REFERENCE_IMAGES = 100  # images kept in reference.npz
 INPUT = "the images given to export_qnn"
 
 
-def check_writable(output_dir, name: str = "output_dir") -> Path:
-    """``output_dir`` exists (created if needed) and takes files; ExportError naming ``name``
-    (the argument or flag the caller was given) otherwise."""
+def check_writable(output_dir, name: str = "output_dir", create: bool = True) -> Path:
+    """``output_dir`` is a folder this process can write in, or can become one (its nearest
+    existing parent takes files), checked with a temporary file removed at once; created when
+    ``create`` (the training recipe creates nothing until its run is known to start).
+    ExportError naming ``name`` (the argument or flag the caller was given) otherwise."""
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{name}: {out} is a file, not a folder")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ExportError(f"{name}: {parent} is a file, so {out} cannot be created")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+        with tempfile.TemporaryFile(dir=parent):
             pass
+        if create:
+            out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ExportError(f"{name}: cannot write to {out}: {e.strerror or e}") from None
+        raise ExportError(f"{name}: cannot write in {parent}: {e.strerror or e}") from None
     return out
 
 
@@ -85,8 +93,11 @@ def check_trained(model: torch.nn.Module):
                           f"weights first")
 
 
-def _atomic(path: Path, write):
-    """``write(tmp)``, then rename to ``path``: each file complete or absent."""
+def atomic_write(path, write: Callable[[Path], None]):
+    """``write(tmp)`` to a temporary name beside ``path`` (same suffix: numpy and onnx go by
+    it), then rename: ``path`` is either the old file or the complete new one, whenever the
+    process dies. Every file an export or a training run writes goes through here."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
     try:
         write(tmp)
@@ -97,7 +108,7 @@ def _atomic(path: Path, write):
 
 def _save(model: onnx.ModelProto, path: Path):
     """One self-contained file (no external data)."""
-    _atomic(path, lambda tmp: onnx.save_model(model, str(tmp), save_as_external_data=False))
+    atomic_write(path, lambda tmp: onnx.save_model(model, str(tmp), save_as_external_data=False))
 
 
 def _check_int_kernels(integer, layers, report):
@@ -198,7 +209,7 @@ def _save_reference(path: Path, images, logits, labels, quantum, n: int = REFERE
                   quantum=np.asarray(quantum, np.float32))
     if labels is not None:
         arrays["labels"] = labels[:n]
-    _atomic(path, lambda tmp: np.savez(tmp, **arrays))
+    atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def torch_logits(model, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -307,5 +318,5 @@ def _export(model, images, output_dir, labels, formats, tolerance, batch_size,
         _check_int_only(models["int_only"], layers, report)
     _save_reference(out / "reference.npz", images, reference, labels, quantum)
     report["passed"] = not report["failures"]
-    _atomic(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
     return report

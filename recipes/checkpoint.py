@@ -8,12 +8,12 @@ failure names the file or field at fault."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
+from brevitas_ana.export.export_qnn import atomic_write
 from brevitas_ana.recipes.models import create_model, describe, model_spec
 
 SPEC_FILE = "model_spec.json"
@@ -22,19 +22,6 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt")
 
 class CheckpointError(ValueError):
     """A run, checkpoint, spec or weights file that cannot be loaded; the message names it."""
-
-
-def atomic_write(path, write: Callable[[Path], None]):
-    """``write(tmp)`` to a temporary name beside ``path``, then rename: ``path`` is either the
-    old file or the complete new one, whenever the process dies (every file a run writes goes
-    through here)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_text(path, text: str):

@@ -27,6 +27,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 
 import brevitas_ana
+from brevitas_ana.options import DEFAULT_ANNEAL_END, DEFAULT_PRESET
 from brevitas_ana.recipes.models import list_models
 
 
@@ -53,9 +54,10 @@ class ModelSection:
     quantiser: Literal["ana", "ste"] = "ana"
 
 
-@dataclass
-class AnaSection:
-    """ANA noise and its annealing (brevitas_ana.AnaConfig and AnaController).
+@dataclass(frozen=True)
+class AnaSection(brevitas_ana.AnaConfig):
+    """ANA noise and its annealing: brevitas_ana.AnaConfig and the AnaController's fields, with
+    the library's defaults (brevitas_ana/options.py).
 
     Args:
         noise: noise family (uniform, triangular, normal, logistic, or a registered one)
@@ -63,24 +65,16 @@ class AnaSection:
         annealed_grad: gradient once the noise is 0: ste or zero
         sigma: starting noise std in steps; null: the family's default
         mu: noise mean in steps (0.5: the reference's dynamic mean)
+        backward: backward policy: exact, floor or schedule
+        sigma_grad_min: backward floor (std, steps); null: the family's starting noise
         preset: annealing preset (homogeneous, progressive, partition, same_start, same_end,
             static)
         anneal_end: every window ends at this fraction of the run, in (0, 1]
-        backward: backward policy: exact, floor or schedule
-        sigma_grad_min: backward floor in steps; null: the family's default
         groups: {group: [name patterns]} instead of one group per layer
         schedules: {group or "*": {"sigma" / "mu" / "sigma_grad": schedule dict}}
     """
-    noise: str = "uniform"
-    strategy: Literal["expectation", "mode", "random"] = "expectation"
-    annealed_grad: Literal["ste", "zero"] = "ste"
-    sigma: Optional[NonNegativeFloat] = None
-    mu: float = 0.0
-    preset: Literal["homogeneous", "progressive", "partition", "same_start", "same_end",
-                    "static"] = "homogeneous"
-    anneal_end: float = 0.7
-    backward: Literal["exact", "floor", "schedule"] = "floor"
-    sigma_grad_min: Optional[NonNegativeFloat] = 0.5774
+    preset: Literal[brevitas_ana.PRESETS] = DEFAULT_PRESET
+    anneal_end: float = DEFAULT_ANNEAL_END
     groups: Optional[Dict[str, List[str]]] = None
     schedules: Optional[Dict[str, Dict[str, dict]]] = None
 
@@ -249,11 +243,11 @@ def _translate(argv: List[str]) -> List[str]:
 
 
 def validate(cfg: RecipeConfig) -> RecipeConfig:
-    """What the types cannot say: the model registry, the noise registry and the ANA options
-    (through brevitas_ana.AnaConfig), finite numbers, anneal_end in (0, 1]."""
+    """What the types cannot say: the model registry, finite numbers, anneal_end in (0, 1]
+    (the ANA options checked themselves as the section was built: brevitas_ana.AnaConfig)."""
     if cfg.model.name not in list_models():
         raise ConfigError(f"model.name: must be one of {list_models()}, got {cfg.model.name!r}")
-    for key in ("ana.sigma", "ana.mu", "ana.sigma_grad_min", "ana.anneal_end", "optim.lr",
+    for key in ("ana.anneal_end", "optim.lr",
                 "optim.lr_pct_start", "optim.label_smoothing"):
         section, name = key.split(".")
         v = getattr(getattr(cfg, section), name)
@@ -267,10 +261,6 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     if not 0.0 < cfg.ana.anneal_end <= 1.0:
         raise ConfigError(f"ana.anneal_end: must be in (0, 1] (a fraction of the run), got "
                           f"{cfg.ana.anneal_end!r}")
-    try:
-        cfg.ana.options()
-    except ValueError as e:
-        raise ConfigError(f"ana.{e}") from None
     return cfg
 
 
@@ -317,9 +307,16 @@ _TYPE_WORDS = {"PositiveInt": "an integer > 0", "NonNegativeInt": "an integer >=
                "bool": "true or false", "str": "a string"}
 
 
+_ANA_FIELDS = [f.name for f in dataclasses.fields(brevitas_ana.AnaConfig)]
+
+
 def _message(e: Exception) -> str:
-    """jsonargparse's error as ``key: must be ..., got value``."""
+    """jsonargparse's error (or AnaConfig's, raised as the ``ana`` section is built) as
+    ``key: must be ..., got value``."""
     text = " ".join(str(e).split())
+    ana = re.match(r"(\w+):? (.*)", text)
+    if isinstance(e, ValueError) and ana and ana.group(1) in _ANA_FIELDS:
+        return f"ana.{ana.group(1)}: {ana.group(2)}"
     m = re.match(r'Parser key "([^"]+)": (.*)', text)
     if not m:
         return text

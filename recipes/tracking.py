@@ -11,7 +11,7 @@ from typing import Optional
 
 from accelerate.tracking import GeneralTracker, on_main_process
 
-from brevitas_ana.recipes.checkpoint import atomic_write
+from brevitas_ana.export.export_qnn import atomic_write
 
 
 class CSVTracker(GeneralTracker):

@@ -20,7 +20,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,9 +37,10 @@ import brevitas_ana
 from brevitas_ana.recipes.config import ConfigError, flat, parse_args, to_dict
 from brevitas_ana.recipes.data import (ResidentLoader, datasets, resident_tensors,
                                        seed_augmentation)
+from brevitas_ana.export.export_qnn import atomic_write
 from brevitas_ana.recipes.checkpoint import (COMPLETE, CheckpointError, RuntimeStatsState,
-                                             atomic_write, checkpoints, load_problem,
-                                             verify_checkpoint, write_spec, write_text)
+                                             checkpoints, load_problem, verify_checkpoint,
+                                             write_spec, write_text)
 from brevitas_ana.recipes.models import create_model, model_spec
 from brevitas_ana.recipes.plot import plot_metrics
 from brevitas_ana.recipes.tracking import CSVTracker
@@ -204,23 +204,6 @@ def read_plan(ckpt: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def check_output_dir(run_dir: Path):
-    """``--output-dir`` is (or can become) a folder this process can write in; checked with a
-    temporary file that is removed at once, before anything is loaded."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise OSError(f"{run_dir} is a file, not a folder")
-    parent = run_dir
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OSError(f"{parent} is a file, so {run_dir} cannot be created")
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise OSError(f"cannot write in {parent}: {e.strerror or e}") from None
-
-
 def start_run(run_dir: Path, cfg, existing):
     """Once data, model and checkpoint are loaded: ``--overwrite`` removes (naming them) what
     the folder held; half-written checkpoints of a killed run go; ``config.json`` is
@@ -341,10 +324,12 @@ def check_run(cfg):
     holds anything is continued (--resume) or replaced on request (--overwrite), and nothing is
     written or removed until the run is known to start (data, model and checkpoint loaded)."""
     run_dir = Path(cfg.run.output_dir)
+    from brevitas_ana.export import ExportError
+    from brevitas_ana.export.export_qnn import check_writable
     try:
-        check_output_dir(run_dir)
-    except OSError as e:
-        sys.exit(f"error: --output-dir: {e}")
+        check_writable(run_dir, "--output-dir", create=False)
+    except ExportError as e:
+        sys.exit(f"error: {e}")
     existing = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir()) \
         if run_dir.is_dir() else []
     if cfg.run.resume and cfg.run.overwrite:

@@ -122,7 +122,9 @@ def test_default_sigma_puts_95_percent_of_the_mass_within_half_a_step(family, wa
 def act_pair(stock_quant, **kw):
     torch.manual_seed(0)
     stock = qnn.QuantIdentity(act_quant=stock_quant, **kw)
-    ana = qnn.QuantIdentity(act_quant=ana_quant(stock_quant, ana_backward="floor"), **kw)
+    # the floor at the family's starting noise (uniform half-width 1/2 step), not the default 1
+    ana = qnn.QuantIdentity(act_quant=ana_quant(stock_quant, ana_backward="floor",
+                                                ana_sigma_grad_min=None), **kw)
     calib = torch.randn(64, 16) * 2
     stock.train()(calib), ana.train()(calib)  # runtime-stats scales exist after a forward
     state = stock.state_dict()

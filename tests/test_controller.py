@@ -301,6 +301,7 @@ def test_bad_policy_arguments_name_them(kwargs, match):
 
 
 def test_defaults_are_the_familys_starting_noise_and_the_floor_policy():
+    """The start is the quantisers' family's own noise; the floor and the policy the defaults'."""
     def net(act_noise, weight_noise):
         return nn.Sequential(
             qnn.QuantIdentity(act_quant=brevitas_ana.ana_quant(Int8ActPerTensorFloat,
@@ -310,8 +311,12 @@ def test_defaults_are_the_familys_starting_noise_and_the_floor_policy():
 
     ctl = AnaController(net("normal", "normal"), total_steps=10, example_input=torch.randn(2, 8))
     default = brevitas_ana.get_noise("normal").default_sigma
-    assert ctl.sigma0 == default and ctl.sigma_grad_min == default
-    assert (ctl.backward, ctl.anneal_end) == ("floor", 0.7)
+    assert ctl.sigma0 == default and ctl.sigma_grad_min == AnaConfig().sigma_grad_min == 0.5774
+    assert (ctl.backward, ctl.anneal_end, ctl.preset) == ("floor", 0.7, "homogeneous")
+    # a floor of None: the family's starting noise too
+    ctl = AnaController(net("normal", "normal"), total_steps=10, example_input=torch.randn(2, 8),
+                        config=AnaConfig(sigma_grad_min=None))
+    assert ctl.sigma_grad_min == default
     with pytest.raises(ValueError, match="mixes noise families"):
         AnaController(net("normal", "logistic"), total_steps=10)
     # explicit values need no default

@@ -313,7 +313,8 @@ def test_unwritable_output_dir_and_unknown_format(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     # a Python call: the message names the argument, not the command's flag
-    with pytest.raises(ExportError, match="^output_dir: cannot write"):
+    with pytest.raises(ExportError, match=f"^output_dir: {blocker} is a file, so "
+                                          f"{blocker / 'sub'} cannot be created"):
         export_qnn(model, torch.rand(2, 3, 8, 8), blocker / "sub")
     with pytest.raises(ExportError, match=f"^output_dir: {blocker} is a file, not a folder"):
         export_qnn(model, torch.rand(2, 3, 8, 8), blocker)
@@ -461,7 +462,8 @@ def test_cli_bad_input_is_a_clear_error(case, trained_run, tmp_path):
         args[-1], expected = tmp_path / "nodata", "CIFAR-10 not found"
     else:
         (tmp_path / "file").write_text("x")
-        args[3], expected = tmp_path / "file" / "out", "--output-dir: cannot write"
+        args[3], expected = tmp_path / "file" / "out", "--output-dir: " + \
+            f"{tmp_path / 'file'} is a file, so {tmp_path / 'file' / 'out'} cannot be created"
     # in-process: the command's main() ends in SystemExit with the one-line message
     from brevitas_ana.recipes import export_run
     with pytest.raises(SystemExit) as exit_:

@@ -27,18 +27,23 @@ def options(model):
 
 def test_one_set_of_defaults():
     c = AnaConfig()
+    # the floor: std of uniform noise of half-width one step, 1/sqrt(3) to 4 places
     assert (c.noise, c.strategy, c.annealed_grad, c.sigma, c.mu, c.backward,
-            c.sigma_grad_min) == ("uniform", "expectation", "ste", None, 0.0, "floor", None)
-    assert c.start_sigma == brevitas_ana.get_noise("uniform").default_sigma
+            c.sigma_grad_min) == ("uniform", "expectation", "ste", None, 0.0, "floor",
+                                  round(1 / 3 ** 0.5, 4))
+    start = brevitas_ana.get_noise("uniform").default_sigma
+    assert c.start_sigma == start
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.noise = "normal"
     # to_ana and the controller read the same defaults
     model = to_ana(net())
-    floor = brevitas_ana.get_noise("uniform").default_sigma
-    assert options(model) == {("uniform", "expectation", "ste", 0.0, 0.0, "floor", floor)}
+    assert options(model) == {("uniform", "expectation", "ste", 0.0, 0.0, "floor", 0.5774)}
     ctl = AnaController(model, total_steps=10, example_input=torch.randn(2, 8))
-    assert (ctl.sigma0, ctl.mu0, ctl.backward, ctl.sigma_grad_min) == (floor, 0.0, "floor",
-                                                                       floor)
+    assert (ctl.preset, ctl.anneal_end, ctl.sigma0, ctl.mu0, ctl.backward,
+            ctl.sigma_grad_min) == ("homogeneous", 0.7, start, 0.0, "floor", 0.5774)
+    # None: the family's starting noise
+    ctl = AnaController(model, total_steps=10, config=AnaConfig(sigma_grad_min=None))
+    assert ctl.sigma_grad_min == start
 
 
 @pytest.mark.parametrize("field,value,match", [

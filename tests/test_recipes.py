@@ -8,9 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import yaml
+from accelerate import Accelerator
+
+import brevitas_ana
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train_cifar10.py"
@@ -45,11 +50,50 @@ def test_default_is_cnv_w2a2_with_ana():
     assert (cfg.model.name, cfg.model.weight_bit_width, cfg.model.act_bit_width,
             cfg.model.quantiser, cfg.ana.preset, cfg.data.data_dir) == ("cnv", 2, 2, "ana",
                                                                          "homogeneous", "./data")
-    # the measured best ANA setting (README, Results)
+    # the measured best ANA setting (docs/accuracy.md, "The defaults")
     assert (cfg.ana.backward, cfg.ana.sigma_grad_min, cfg.ana.sigma, cfg.ana.anneal_end) == (
         "floor", 0.5774, None, 0.7)
-    # the cnv_w2a2 file states the defaults in full
+    # the cnv_w2a2 file states the defaults in full (the ana section: the library's)
     assert to_dict(parse_args(["--config", str(CONFIGS / "cnv_w2a2.yaml")])) == to_dict(cfg)
+
+
+def test_a_controller_built_with_no_options_anneals_like_the_default_recipe():
+    """The README's controller snippet (no options) and the default recipe's controller (built by
+    the recipe itself, from the shipped cnv_w2a2 file) give every quantiser the same noise,
+    backward floor and policy at every step."""
+    from brevitas_ana.recipes.models import create_model, model_spec
+    from brevitas_ana.recipes.train_cifar10 import build
+    cfg = parse_args(["--config", str(CONFIGS / "cnv_w2a2.yaml"), "--epochs", "3"])
+    assert cfg.ana.options() == brevitas_ana.AnaConfig()  # the section carries the library's
+    steps_per_epoch = 7
+    data = SimpleNamespace(resident=False, train_dl=[None] * steps_per_epoch, eval_dl=[],
+                           test_dl=[])
+    accelerator = Accelerator(cpu=True)
+    recipe = build(cfg, accelerator, data, plan={}).annealing.controller
+    spec = model_spec(cfg.model, brevitas_ana.AnaConfig())
+    torch.manual_seed(0)
+    library = brevitas_ana.AnaController(create_model(spec["name"], **spec["kwargs"]),
+                                         total_steps=3 * steps_per_epoch,
+                                         example_input=torch.rand(2, 3, 32, 32))
+    assert (recipe.preset, recipe.anneal_end, recipe.backward, recipe.sigma0, recipe.mu0,
+            recipe.sigma_grad_min) == (library.preset, library.anneal_end, library.backward,
+                                       library.sigma0, library.mu0, library.sigma_grad_min)
+    assert list(recipe.groups) == list(library.groups) and len(recipe.groups) == 10  # input + 9 layers
+    seen = set()
+    for step in range(3 * steps_per_epoch + 1):
+        a, b = recipe.sigmas(), library.sigmas()
+        assert a.keys() == b.keys()
+        assert all(a[k] == pytest.approx(b[k], rel=1e-12, abs=1e-15) for k in a), step
+        assert recipe.grad_sigmas() == pytest.approx(library.grad_sigmas(), rel=1e-12)
+        seen.add(round(next(iter(a.values())), 6))
+        recipe.step()
+        library.step()
+    # the schedule really moved: from the starting noise down to zero (noise-free at the end)
+    assert max(seen) == pytest.approx(round(brevitas_ana.get_noise("uniform").default_sigma, 6))
+    assert min(seen) == 0.0 and len(seen) > 10
+    policies = {(m.backward, m.noise, m.strategy) for c in (recipe, library)
+                for _, m in brevitas_ana.ana_quantizers(c.model)}
+    assert policies == {("floor", "uniform", "expectation")}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
@@ -118,9 +162,11 @@ def test_vgg8_paper_setting():
     (["--anneal-end", "0"], r"^--anneal-end: must be in \(0, 1\]"),
     (["--anneal-end", "1.5"], r"^--anneal-end: must be in \(0, 1\]"),
     (["--backward", "smooth"], r"^--backward: must be one of"),
-    (["--sigma-grad-min", "-0.1"], r"^--sigma-grad-min: must be a number >= 0 or null"),
-    (["--sigma-grad-min", "nan"], r"^--sigma-grad-min: must be a number >= 0 or null"),
-    (["--sigma-grad-min", "inf"], r"^--sigma-grad-min: must be finite"),
+    (["--sigma-grad-min", "-0.1"], r"^--sigma-grad-min: must be >= 0 .*got -0.1"),
+    (["--sigma-grad-min", "nan"], r"^--sigma-grad-min: must be a number or null, got nan"),
+    (["--sigma-grad-min", "inf"], r"^--sigma-grad-min: must be a number or null, got inf"),
+    (["--ana.sigma", "-2"], r"^--ana.sigma: must be >= 0 .*got -2"),
+    (["--mu", "inf"], r"^--mu: must be a number, got inf"),
     (["--model", "vgg9"], r"^--model: must be one of \['cnv', 'resnet18', 'vgg8'\]"),
 ])
 def test_bad_values_name_the_field(argv, match):
