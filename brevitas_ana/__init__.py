@@ -13,7 +13,7 @@ Where things live:
     controller.py  AnaController: orders and groups quantisers, sets sigma(t) and the backward
                    noise (where they come from)
     health.py      GradientHealth: how much gradient each group lets through
-    convert.py     to_ana(), to_stock(), quantize_timm()
+    convert.py     to_ana(), to_stock(), set_float() (the float twin), quantize_timm()
 """
 from brevitas_ana.quant import check_jit_disabled
 
@@ -22,7 +22,7 @@ check_jit_disabled()
 from brevitas_ana import checks, expectation, functional, noise, schedules  # noqa: E402
 from brevitas_ana.controller import BACKWARD_POLICIES, PRESETS, AnaController  # noqa: E402
 from brevitas_ana.health import GradientHealth  # noqa: E402
-from brevitas_ana.convert import quantize_timm, to_ana, to_stock  # noqa: E402
+from brevitas_ana.convert import quantize_timm, set_float, to_ana, to_stock  # noqa: E402
 from brevitas_ana.functional import ana_round  # noqa: E402
 from brevitas_ana.noise import NoiseFamily, get_noise, register_noise  # noqa: E402
 from brevitas_ana.options import AnaConfig  # noqa: E402
@@ -36,4 +36,4 @@ __all__ = [
     "ana_round", "checks", "expectation", "functional", "noise", "schedules", "NoiseFamily", "get_noise", "register_noise",
     "AnaQuantMixin", "ana_quant", "stock_quant", "ana_quantizers", "keep_quant_modules",
     "set_sigma", "AnaConfig", "AnaController", "PRESETS", "BACKWARD_POLICIES",
-    "GradientHealth", "make_schedule", "to_ana", "to_stock", "quantize_timm", "__version__"]
+    "GradientHealth", "make_schedule", "to_ana", "to_stock", "set_float", "quantize_timm", "__version__"]

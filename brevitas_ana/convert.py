@@ -20,10 +20,10 @@ from brevitas_ana.quant import (STOCK, TWINS, AnaInt8ActPerTensorFloat,
                                 AnaInt8WeightPerChannelFloat, AnaQuantMixin, ana_quant,
                                 stock_quant)
 
-__all__ = ["to_ana", "to_stock", "quant_proxies", "quantize_timm"]
+__all__ = ["to_ana", "to_stock", "set_float", "quant_proxies", "quantize_timm"]
 
 _NOISE_FIELDS = ("noise", "strategy", "annealed_grad", "sigma", "mu", "backward",
-                 "sigma_grad_min")
+                 "sigma_grad_min", "float_mode")
 
 
 def quant_proxies(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
@@ -100,6 +100,28 @@ def to_stock(model: nn.Module) -> nn.Module:
     for _, proxy in quant_proxies(model):
         if _swap_leaves(proxy, STOCK, lambda m: None):
             proxy.quant_injector = stock_quant(proxy.quant_injector)
+    return model
+
+
+def set_float(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Relax every ANA quantiser of ``model`` to its continuous twin (``enabled``), or put the
+    stair back, in place; returns the model. Relaxed, an integer quantiser computes
+    ``(clamp(x / s + z, min_int, max_int) - z) * s`` and a binary one ``clamp(x, -s, s)``
+    (hardtanh), in training and in eval, noise-free: the float network of the QNN, with the
+    same modules and parameter names, so that its weights load into the quantised network (float
+    pre-training, then quantisation-aware fine-tuning). The proxies' injectors carry it
+    (``ana_float``), so modules Brevitas rebuilds on ``load_state_dict`` keep it."""
+    n = 0
+    for _, proxy in quant_proxies(model):
+        leaves = [m for m in proxy.modules() if isinstance(m, AnaQuantMixin)]
+        if not leaves:
+            continue
+        proxy.quant_injector = proxy.quant_injector.let(ana_float=bool(enabled))
+        for m in leaves:
+            m.float_mode = bool(enabled)
+        n += 1
+    if n == 0:
+        raise ValueError("model: no ANA quantiser found (use Ana* quantisers or to_ana first)")
     return model
 
 

@@ -65,6 +65,7 @@ class AnaQuantMixin:
     """Noise state of one ANA quantiser: plain Python attributes, never in the state_dict.
 
     ``sigma`` is the noise's standard deviation and ``mu`` its mean, both in quantisation steps;
+    ``float_mode`` relaxes the stair to a clamp (:func:`~brevitas_ana.set_float`);
     ``noise`` the family, ``strategy`` the forward strategy, ``annealed_grad`` the gradient at
     ``sigma == 0`` (see :func:`brevitas_ana.functional.ana_round`). ``backward`` is the backward
     policy: ``"exact"`` propagates the derivative of the forward's expectation, ``"floor"`` the
@@ -73,10 +74,12 @@ class AnaQuantMixin:
     schedule, so nothing needs broadcasting.
     """
 
-    def _init_ana(self, config: AnaConfig, sigma: float = 0.0):
-        """The options of ``config`` (checked when it was made) and the initial noise ``sigma``
-        (steps; 0: noise-free until the controller or :func:`set_sigma` sets it)."""
+    def _init_ana(self, config: AnaConfig, sigma: float = 0.0, float_mode: bool = False):
+        """The options of ``config`` (checked when it was made), the initial noise ``sigma``
+        (steps; 0: noise-free until the controller or :func:`set_sigma` sets it) and whether
+        the quantiser is relaxed to a clamp (:func:`~brevitas_ana.set_float`)."""
         check_jit_disabled()
+        self.float_mode = bool(float_mode)
         self.noise, self.strategy = config.noise, config.strategy
         self.annealed_grad, self.backward = config.annealed_grad, config.quantiser_backward
         self.sigma_grad_min = (get_noise(config.noise).default_sigma
@@ -116,8 +119,8 @@ class AnaQuantMixin:
     def stock_path(self) -> bool:
         """True when the output must be the stock quantiser's: eval mode, or noise annealed away
         (forward and backward) with Brevitas' STE as the gradient."""
-        return not self.training or (max(self.sigma, self.grad_floor) < SIGMA_MIN
-                                     and self.annealed_grad == "ste")
+        return not self.float_mode and (not self.training or (
+            max(self.sigma, self.grad_floor) < SIGMA_MIN and self.annealed_grad == "ste"))
 
     def noise_args(self) -> dict:
         """The keyword arguments of :func:`~brevitas_ana.functional.ana_round` this quantiser
@@ -155,12 +158,12 @@ class _AnaIntMixin(AnaQuantMixin):
                  ana_noise: str = _DEFAULT.noise, ana_strategy: str = _DEFAULT.strategy,
                  ana_annealed_grad: str = _DEFAULT.annealed_grad, ana_sigma: float = 0.0,
                  ana_mu: float = _DEFAULT.mu, ana_backward: str = _DEFAULT.backward,
-                 ana_sigma_grad_min: float = _DEFAULT.sigma_grad_min):
+                 ana_sigma_grad_min: float = _DEFAULT.sigma_grad_min, ana_float: bool = False):
         super().__init__(narrow_range, signed, input_view_impl, float_to_int_impl,
                          tensor_clamp_impl, quant_delay_steps)
         _check_round(float_to_int_impl)
         self._init_ana(self._config_of(ana_noise, ana_strategy, ana_annealed_grad, ana_mu,
-                                       ana_backward, ana_sigma_grad_min), ana_sigma)
+                                       ana_backward, ana_sigma_grad_min), ana_sigma, ana_float)
 
     def to_int(self, scale: Tensor, zero_point: Tensor, bit_width: Tensor, x: Tensor) -> Tensor:
         """``y = x / scale + zero_point``, then ``ana_round(y, min_int, max_int, ...)``."""
@@ -169,6 +172,8 @@ class _AnaIntMixin(AnaQuantMixin):
         x = self.input_view_impl(x)
         y = x / scale
         y = y + zero_point
+        if self.float_mode:  # the stair's continuous relaxation: clamp(y, min_int, max_int)
+            return tensor_clamp(y, self.min_int(bit_width), self.max_int(bit_width))
         if not bit_width.requires_grad:
             return self.ana_round(y, *self._int_bounds(bit_width))
         lo = self.min_int(bit_width)
@@ -211,6 +216,9 @@ class _AnaBinaryMixin(AnaQuantMixin):
         if self.stock_path:
             return super().forward(x)
         scale = self.scaling_impl(x)
+        if self.float_mode:  # sign's continuous relaxation: hardtanh, clamp(x, -scale, scale)
+            out = torch.minimum(torch.maximum(x, -scale), scale)
+            return out, scale, self.zero_point(), self.bit_width()
         # y = (x / scale + 1) / 2: three launches and Python scalars (a scalar tensor made on
         # the host would be a copy to the GPU each step). Division's backward keeps x and scale,
         # not its result, so the two in-place steps are safe for autograd.
@@ -235,10 +243,10 @@ class AnaBinaryQuant(_AnaBinaryMixin, BinaryQuant):
                  ana_noise: str = _DEFAULT.noise, ana_strategy: str = _DEFAULT.strategy,
                  ana_annealed_grad: str = _DEFAULT.annealed_grad, ana_sigma: float = 0.0,
                  ana_mu: float = _DEFAULT.mu, ana_backward: str = _DEFAULT.backward,
-                 ana_sigma_grad_min: float = _DEFAULT.sigma_grad_min):
+                 ana_sigma_grad_min: float = _DEFAULT.sigma_grad_min, ana_float: bool = False):
         super().__init__(scaling_impl, signed, quant_delay_steps)
         self._init_ana(self._config_of(ana_noise, ana_strategy, ana_annealed_grad, ana_mu,
-                                       ana_backward, ana_sigma_grad_min), ana_sigma)
+                                       ana_backward, ana_sigma_grad_min), ana_sigma, ana_float)
 
 
 class AnaClampedBinaryQuant(_AnaBinaryMixin, ClampedBinaryQuant):
@@ -249,10 +257,10 @@ class AnaClampedBinaryQuant(_AnaBinaryMixin, ClampedBinaryQuant):
                  ana_strategy: str = _DEFAULT.strategy,
                  ana_annealed_grad: str = _DEFAULT.annealed_grad, ana_sigma: float = 0.0,
                  ana_mu: float = _DEFAULT.mu, ana_backward: str = _DEFAULT.backward,
-                 ana_sigma_grad_min: float = _DEFAULT.sigma_grad_min):
+                 ana_sigma_grad_min: float = _DEFAULT.sigma_grad_min, ana_float: bool = False):
         super().__init__(scaling_impl, tensor_clamp_impl, quant_delay_steps)
         self._init_ana(self._config_of(ana_noise, ana_strategy, ana_annealed_grad, ana_mu,
-                                       ana_backward, ana_sigma_grad_min), ana_sigma)
+                                       ana_backward, ana_sigma_grad_min), ana_sigma, ana_float)
 
 
 # Stock module -> ANA twin. Wrappers are kept: their inner slot is swapped instead.
@@ -262,7 +270,7 @@ STOCK = {twin: stock for stock, twin in TWINS.items()}
 _WRAPPERS = {RescalingIntQuant, DecoupledRescalingIntQuant, DecoupledRescalingIntQuantWithInput}
 _SLOTS = ("tensor_quant", "int_quant", "decoupled_int_quant")
 ANA_OPTIONS = ("ana_noise", "ana_strategy", "ana_annealed_grad", "ana_sigma", "ana_mu",
-               "ana_backward", "ana_sigma_grad_min")
+               "ana_backward", "ana_sigma_grad_min", "ana_float")
 
 
 def _swap(quant_name: str, slot: str, cls, mapping):

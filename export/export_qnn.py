@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -318,5 +319,48 @@ def _export(model, images, output_dir, labels, formats, tolerance, batch_size,
         _check_int_only(models["int_only"], layers, report)
     _save_reference(out / "reference.npz", images, reference, labels, quantum)
     report["passed"] = not report["failures"]
+    atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    return report
+
+
+def export_float(model: torch.nn.Module, images, output_dir, labels=None, batch_size: int = 100,
+                 name: str = "model", rtol: float = 1e-4) -> dict:
+    """Export a float network (e.g. the float twin of a QNN, :func:`brevitas_ana.set_float`) to
+    ``{name}_float.onnx`` (torch's ONNX exporter, a symbolic batch) and validate it in
+    onnxruntime on ``images`` against the model in eval mode. The report (``report.json``)
+    passes when the argmax agrees on every image and no logit differs by more than ``rtol *
+    max(1, max |logit|)``."""
+    images, labels = check_inputs(images, labels)
+    out = check_writable(output_dir)
+    try:
+        reference = torch_logits(model, images, batch_size)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ExportError(f"images: the model does not take images of shape "
+                          f"{list(images.shape[1:])} ({first})") from None
+    path = out / f"{name}_float.onnx"
+    (out / "report.json").unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+    net = copy.deepcopy(model).float().cpu().eval()
+    example = torch.from_numpy(images[:1])
+    with warnings.catch_warnings():  # the tracer's notes on Brevitas' constant tensors
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        atomic_write(path, lambda tmp: torch.onnx.export(
+            net, (example,), str(tmp), dynamo=False, input_names=["images"],
+            output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}))
+    logits = runtime.run_onnxruntime(onnx.load(str(path)), images, batch_size)
+    limit = rtol * max(1.0, float(np.abs(reference).max()))
+    row = compare(reference, logits, labels, np.float64(limit))  # differences in units of limit
+    row = {"file": str(path), "top1_torch": row["top1_torch"], "top1_export": row["top1_export"],
+           "argmax_agreement": row["argmax_agreement"],
+           "max_abs_diff": float(np.abs(logits.astype(np.float64) - reference).max()),
+           "limit": limit}
+    row["passed"] = row["argmax_agreement"] == 100.0 and row["max_abs_diff"] <= limit
+    report = {"num_images": int(len(images)), "input_shape": list(images.shape[1:]),
+              "onnxruntime": {"version": runtime.ort.__version__}, "formats": {"float": row},
+              "failures": [] if row["passed"] else [
+                  f"float: argmax agreement {row['argmax_agreement']:.2f}%, max difference "
+                  f"{row['max_abs_diff']:.3g} (limit {limit:.3g})"]}
+    report["passed"] = row["passed"]
     atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
     return report

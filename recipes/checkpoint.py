@@ -8,6 +8,7 @@ failure names the file or field at fault."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -155,11 +156,12 @@ def _weights_in(folder: Path) -> Optional[Path]:
     return next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
 
 
-def locate(checkpoint) -> Tuple[Path, Optional[Path]]:
-    """(weights file, the run's config.json or None) for a run dir, checkpoint dir or file."""
+def locate(checkpoint, flag: str = "--checkpoint") -> Tuple[Path, Optional[Path]]:
+    """(weights file, the run's config.json or None) for a run dir, checkpoint dir or file;
+    errors name ``flag``."""
     path = Path(checkpoint)
     if not path.exists():
-        raise CheckpointError(f"--checkpoint: {path} does not exist")
+        raise CheckpointError(f"{flag}: {path} does not exist")
     if path.is_file():
         cfg = path.parent / "config.json"
         return path, cfg if cfg.is_file() else None
@@ -171,12 +173,12 @@ def locate(checkpoint) -> Tuple[Path, Optional[Path]]:
             weights = _weights_in(ckpt)
             if weights:
                 return weights, run_cfg
-        raise CheckpointError(f"--checkpoint: {path} was never trained: no model.pt and no "
+        raise CheckpointError(f"{flag}: {path} was never trained: no model.pt and no "
                               f"complete checkpoint in checkpoints/ (training stopped before its "
                               f"first epoch ended?)")
     weights = _weights_in(path)
     if weights is None:
-        raise CheckpointError(f"--checkpoint: {path} is neither a run directory (config.json) nor "
+        raise CheckpointError(f"{flag}: {path} is neither a run directory (config.json) nor "
                               f"a checkpoint directory ({' / '.join(WEIGHT_FILES)})")
     cfg = path.parent.parent / "config.json"
     return weights, cfg if cfg.is_file() else None
@@ -192,8 +194,10 @@ def read_state_dict(path: Path) -> dict:
     except Exception as e:  # torch's and safetensors' messages run over several lines
         raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or truncated?): "
                               f"{load_problem(e)}") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
+    for key in ("model", "state_dict"):  # accelerate's and timm's train scripts' wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: not a model state_dict (expected a mapping of tensors)")
     return state
@@ -249,6 +253,85 @@ def load_trained(checkpoint, config=None):
             f"unexpected {result.unexpected_keys[:5]}"
             f"{' ...' if len(result.unexpected_keys) > 5 else ''}")
     return model.eval(), spec, weights
+
+
+# A quantiser's own state (scales, their statistics): what a float network does not have.
+_QUANT_STATE = re.compile(r"(^|\.)(weight|bias|input|output|act)_quant\.")
+# Wrappers other code puts around a network's names: DDP, torch.compile, EMA / train scripts.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+def _renamings(source, target):
+    """Candidate ``(drop, add)`` prefix pairs mapping ``source`` names onto ``target`` names: as
+    they are, a wrapper's prefix dropped, and the prefix the target puts before them (e.g. the
+    ``1.`` of ``nn.Sequential(Normalize(), model)``)."""
+    out = [("", "")]
+    for drop in [""] + [w for w in _WRAPPER_PREFIXES if all(k.startswith(w) for k in source)]:
+        names = [k[len(drop):] for k in source]
+        adds = {}
+        for k in names[:50]:
+            for t in target:
+                if t.endswith("." + k):
+                    adds[t[:-len(k)]] = adds.get(t[:-len(k)], 0) + 1
+        out += [(drop, "")] + [(drop, a) for a in sorted(adds, key=adds.get, reverse=True)[:3]]
+    return list(dict.fromkeys(out))
+
+
+def init_from(model: torch.nn.Module, source, flag: str = "--init-from") -> dict:
+    """Load into ``model`` the tensors of ``source`` (a run directory, a checkpoint folder, a
+    weights file, or a timm checkpoint ``.pth`` / ``.safetensors``), matched by name; a
+    wrapper's prefix (``module.``) or the network's own (a preprocessing wrapper's ``1.``) is
+    matched up. Returns ``{"path", "loaded", "new", "ignored"}``: the network's tensors loaded,
+    those not in the file (only a quantiser's state may be: its scales are estimated afresh) and
+    the file's tensors the network has no place for. Never partial: ``CheckpointError`` naming
+    the tensor when a shape differs or a weight of the network is missing, and naming the file
+    when nothing matches; ``model`` is unchanged then."""
+    weights, _ = locate(source, flag)
+    state = read_state_dict(weights)
+    target = model.state_dict()
+    best = max(_renamings(list(state), list(target)),
+               key=lambda r: sum(r[1] + k[len(r[0]):] in target for k in state))
+    drop, add = best
+    mapped = {add + k[len(drop):]: k for k in state}
+    loaded = [t for t in target if t in mapped]
+    if not loaded:
+        raise CheckpointError(f"{flag}: {weights}: no tensor of it has a place in the network "
+                              f"(its names: {list(state)[:3]} ...; the network's: "
+                              f"{list(target)[:3]} ...)")
+    for t in loaded:
+        if tuple(state[mapped[t]].shape) != tuple(target[t].shape):
+            raise CheckpointError(
+                f"{flag}: {mapped[t]}: shape {list(state[mapped[t]].shape)} in {weights}, "
+                f"{list(target[t].shape)} in the network")
+    new = [t for t in target if t not in mapped]
+    missing = [t for t in new if not _QUANT_STATE.search(t)]
+    if missing:
+        raise CheckpointError(
+            f"{flag}: {weights} has no {missing[0]}" + (f" (nor {len(missing) - 1} other "
+                                                        f"tensors of the network)"
+                                                        if len(missing) > 1 else "") +
+            ": a different network? (only quantiser scales may be missing)")
+    ignored = [k for t, k in mapped.items() if t not in target]
+    merged = dict(target)
+    merged.update({t: state[mapped[t]] for t in loaded})
+    # not strict: a scale Brevitas estimates from data has no tensor until its first forward
+    result = model.load_state_dict(merged, strict=False)
+    assert not result.unexpected_keys and all(_QUANT_STATE.search(k) for k in result.missing_keys)
+    new = list(dict.fromkeys(new + result.missing_keys))
+    return {"path": str(weights), "loaded": loaded, "new": new, "ignored": ignored}
+
+
+def describe_init(report: dict) -> str:
+    """``--init-from``'s report in a few lines, for the log."""
+    lines = [f"--init-from {report['path']}: {len(report['loaded'])} tensors loaded, "
+             f"{len(report['new'])} newly initialised, {len(report['ignored'])} ignored"]
+    if report["new"]:
+        lines.append(f"  newly initialised (quantiser state): {', '.join(report['new'][:6])}"
+                     + (" ..." if len(report["new"]) > 6 else ""))
+    if report["ignored"]:
+        lines.append(f"  ignored (no place in the network): {', '.join(report['ignored'][:6])}"
+                     + (" ..." if len(report["ignored"]) > 6 else ""))
+    return "\n".join(lines)
 
 
 class RuntimeStatsState:

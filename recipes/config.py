@@ -18,12 +18,13 @@ import dataclasses
 import math
 import re
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Literal, Optional
 
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 
 import brevitas_ana
@@ -45,13 +46,21 @@ class ModelSection:
         weight_bit_width: weight bits (cnv, resnet18)
         act_bit_width: activation bits (cnv, resnet18)
         in_bit_width: input quantiser bits (cnv)
-        quantiser: ana, or ste for the same network with stock Brevitas quantisers (the baseline)
+        quantiser: ana; ste, the same network with stock Brevitas quantisers (the baseline); or
+            float, its float twin (quantisers relaxed to clamps, same parameter names)
+        init_from: start from the tensors of a run directory, a checkpoint folder, a weights
+            file or a timm checkpoint (.pth / .safetensors), matched by name (quantiser scales
+            may be missing: estimated afresh); not a resume (--resume continues a run)
+        calibrate: batches of training images run through Brevitas' calibration_mode before
+            training, to set the activation scales from data; 0: none
     """
     name: str = "cnv"
     weight_bit_width: PositiveInt = 2
     act_bit_width: PositiveInt = 2
     in_bit_width: PositiveInt = 8
-    quantiser: Literal["ana", "ste"] = "ana"
+    quantiser: Literal["ana", "ste", "float"] = "ana"
+    init_from: Optional[str] = None
+    calibrate: NonNegativeInt = 0
 
 
 @dataclass(frozen=True)
@@ -187,11 +196,23 @@ BOOLEANS = {k for s, cls in _CLASSES.items() for f in dataclasses.fields(cls)
             for k in [("model" if f.name == "name" else f.name)] if f.type in (bool, "bool")}
 
 
+class _HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help, with lines never broken inside a flag (``--no-`` / ``download``)."""
+
+    def _fill_text(self, text, width, indent):
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent,
+                             subsequent_indent=indent, break_on_hyphens=False)
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def parser() -> ArgumentParser:
     flat_flags = ", ".join(f"--{k.replace('_', '-')}" + (" / --no-" + k.replace('_', '-')
                                                         if k in BOOLEANS else "")
                            for k in FLAT)
     p = ArgumentParser(prog="train_cifar10.py", exit_on_error=False, env_prefix=False,
+                       formatter_class=_HelpFormatter,
                        description="Train a QNN on CIFAR-10 with ANA (or stock STE) quantisers.",
                        epilog="Every key also has a flat flag, the key's name with dashes (--epochs "
                               "3 is --optim.epochs 3, --model vgg8 is --model.name vgg8; a "

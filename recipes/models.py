@@ -103,22 +103,31 @@ def create_model(name: str, **kwargs) -> nn.Module:
         raise ValueError(f"model {name!r}: {e}") from None
 
 
+QUANTISERS = ("ana", "ste", "float")
+
+
 def _check_quantiser(quantiser: str):
-    if quantiser not in ("ana", "ste"):
-        raise ValueError(f"quantiser: must be 'ana' or 'ste', got {quantiser!r}")
+    if quantiser not in QUANTISERS:
+        raise ValueError(f"quantiser: must be one of {list(QUANTISERS)}, got {quantiser!r}")
 
 
 def _ana_or_stock(model: nn.Module, quantiser: str, ana: Optional[dict]) -> nn.Module:
+    """``model`` (stock Brevitas quantisers) for ``quantiser``: ``ana`` its ANA twin, ``ste`` as
+    it is, ``float`` the ANA twin relaxed to float (:func:`brevitas_ana.set_float`: the same
+    parameter names, so its weights load into the other two)."""
     _check_quantiser(quantiser)
-    return (brevitas_ana.to_ana(model, brevitas_ana.AnaConfig(**(ana or {})))
-            if quantiser == "ana" else model)
+    if quantiser == "ste":
+        return model
+    model = brevitas_ana.to_ana(model, brevitas_ana.AnaConfig(**(ana or {})))
+    return brevitas_ana.set_float(model) if quantiser == "float" else model
 
 
 @register_model
 def cnv(weight_bit_width: int = 2, act_bit_width: int = 2, in_bit_width: int = 8,
         quantiser: str = "ana", ana: Optional[dict] = None) -> nn.Module:
     """FINN's CNV (Brevitas bnn_pynq topology) for CIFAR-10, ANA (``quantiser="ana"``, with
-    the ANA options ``ana``) or stock Brevitas (``"ste"``) quantisers."""
+    the ANA options ``ana``) or stock Brevitas (``"ste"``) quantisers, or its float twin
+    (``"float"``)."""
     model = CNV(num_classes=10, weight_bit_width=weight_bit_width, act_bit_width=act_bit_width,
                 in_bit_width=in_bit_width, in_ch=3)
     return _ana_or_stock(model, quantiser, ana)
@@ -126,17 +135,20 @@ def cnv(weight_bit_width: int = 2, act_bit_width: int = 2, in_bit_width: int = 8
 
 @register_model
 def vgg8(quantiser: str = "ana", ana: Optional[dict] = None) -> nn.Module:
-    """The paper's VGG8 (:class:`VGG8`), ANA or stock quantisers."""
+    """The paper's VGG8 (:class:`VGG8`), ANA or stock quantisers, or its float twin."""
     return _ana_or_stock(VGG8(), quantiser, ana)
 
 
 @register_model
 def resnet18(weight_bit_width: int = 4, act_bit_width: int = 4, quantiser: str = "ana",
              ana: Optional[dict] = None) -> nn.Module:
-    """timm's resnet18 for 32x32 inputs (:func:`resnet18_cifar`), ANA or stock quantisers."""
+    """timm's resnet18 for 32x32 inputs (:func:`resnet18_cifar`), ANA or stock quantisers, or
+    its float twin."""
     _check_quantiser(quantiser)
     model = resnet18_cifar(weight_bit_width, act_bit_width,
                            config=brevitas_ana.AnaConfig(**(ana or {})))
+    if quantiser == "float":
+        return brevitas_ana.set_float(model)
     return model if quantiser == "ana" else brevitas_ana.to_stock(model)
 
 

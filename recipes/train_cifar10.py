@@ -39,8 +39,8 @@ from brevitas_ana.recipes.data import (ResidentLoader, datasets, resident_tensor
                                        seed_augmentation)
 from brevitas_ana.export.export_qnn import atomic_write
 from brevitas_ana.recipes.checkpoint import (COMPLETE, CheckpointError, RuntimeStatsState,
-                                             checkpoints, load_problem, verify_checkpoint,
-                                             write_spec, write_text)
+                                             checkpoints, describe_init, init_from, load_problem,
+                                             verify_checkpoint, write_spec, write_text)
 from brevitas_ana.recipes.models import create_model, model_spec
 from brevitas_ana.recipes.plot import plot_metrics
 from brevitas_ana.recipes.tracking import CSVTracker
@@ -61,8 +61,9 @@ def step_hooks() -> list:
     return [lambda step: os.kill(os.getpid(), signal.SIGKILL) if step == kill_at else None]
 
 
-class StockSTE:
-    """The annealing of a stock Brevitas STE run: nothing to anneal, measure or save."""
+class NoAnnealing:
+    """The annealing of a stock Brevitas STE run or a float run: nothing to anneal, measure or
+    save."""
     checkpointed = ()
 
     def after_backward(self):
@@ -81,7 +82,7 @@ class StockSTE:
         pass
 
 
-class Annealing(StockSTE):
+class Annealing(NoAnnealing):
     """An ANA run's controller (the noise of every group over the run) and its gradient-health
     counters (how much gradient each group lets through), behind the training loop's calls."""
 
@@ -251,21 +252,31 @@ def rank_agreement(accelerator, model) -> bool:
     return bool((everyone == everyone[0]).all().item())
 
 
-def export_and_validate(net, test_set, run_dir: Path, accelerator, max_images: int = 500):
+def export_and_validate(net, test_set, run_dir: Path, accelerator, quantiser: str,
+                        max_images: int = 500):
     """QONNX (FINN-ready), QCDQ, integer and integer-only ONNX of the trained network in
     RUN/export, validated against it on the first test images (the full export stage:
-    ``recipes/export_run.py``)."""
-    from brevitas_ana.export import ExportError, export_qnn
+    ``recipes/export_run.py``); a float run's float ONNX."""
+    from brevitas_ana.export import ExportError, export_float, export_qnn
     from brevitas_ana.export.validate import table
     n = min(max_images, len(test_set))
     images = torch.stack([test_set[i][0] for i in range(n)])
     labels = torch.tensor([int(test_set[i][1]) for i in range(n)])
     try:
-        report = export_qnn(net, images, run_dir / "export", labels=labels)
+        if quantiser == "float":
+            report = export_float(net, images, run_dir / "export", labels=labels)
+        else:
+            report = export_qnn(net, images, run_dir / "export", labels=labels)
     except ExportError as e:
         logger.info(f"export: failed: {e}")
         return {"error": str(e)}
-    logger.info(table(report))
+    if quantiser == "float":
+        row = report["formats"]["float"]
+        logger.info(f"float ONNX: top-1 {row['top1_export']:.2f}% (torch {row['top1_torch']:.2f}"
+                    f"%), max logit difference {row['max_abs_diff']:.3g}: "
+                    f"{'passed' if report['passed'] else 'FAILED'} -> {row['file']}")
+    else:
+        logger.info(table(report))
     return {"passed": report["passed"], "report": str(run_dir / "export" / "report.json"),
             **{fmt: row["file"] for fmt, row in report["formats"].items()}}
 
@@ -289,6 +300,8 @@ def _main(argv=None):
     run = build(cfg, accelerator, data, plan)
     if ckpt is not None:
         resume(cfg, accelerator, run, ckpt)
+    elif cfg.model.init_from or cfg.model.calibrate:
+        run.plan["start"] = start_point(cfg, accelerator, data, run)
     # --- the run starts: only now is anything in the run directory written or removed ------
     if accelerator.is_main_process:
         start_run(run_dir, cfg, existing)
@@ -418,6 +431,13 @@ def build(cfg, accelerator, data, plan: dict) -> Run:
     # written beside every set of weights: how to rebuild the network without this config
     spec = model_spec(cfg.model, cfg.ana.options())
     model = create_model(spec["name"], **spec["kwargs"])
+    init = None
+    if cfg.model.init_from:  # before the optimiser: Brevitas rebuilds quantisers on a load
+        try:
+            init = init_from(model, cfg.model.init_from)
+        except CheckpointError as e:
+            sys.exit(f"error: {e}")
+        logger.info(describe_init(init))
     if cfg.optim.optimizer == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr,
                                      weight_decay=cfg.optim.weight_decay)
@@ -454,7 +474,7 @@ def build(cfg, accelerator, data, plan: dict) -> Run:
                     f"end ({planned} steps); steps past it train noise-free")
         total_steps = planned
     scheduler = make_scheduler(cfg.optim, optimizer, total_steps)
-    annealing = StockSTE()
+    annealing = NoAnnealing()
     if cfg.model.quantiser == "ana":
         try:
             annealing = Annealing(brevitas_ana.AnaController(
@@ -469,7 +489,7 @@ def build(cfg, accelerator, data, plan: dict) -> Run:
                                            *annealing.checkpointed)
     return Run(cfg=cfg, model=model, net=net, optimizer=optimizer, scheduler=scheduler,
                criterion=criterion, annealing=annealing, progress=progress, spec=spec,
-               plan={"anneal_steps": total_steps})
+               plan={"anneal_steps": total_steps, "start": plan.get("start")}, init=init)
 
 
 def resume(cfg, accelerator, run: Run, ckpt: Path):
@@ -555,10 +575,32 @@ def train_epoch(cfg, accelerator, data, run: Run, hooks) -> dict:
             **annealing.columns(accelerator.reduce)}
 
 
+def start_point(cfg, accelerator, data, run) -> dict:
+    """Where a run that starts from weights or calibrates begins: the activation scales set from
+    the first ``calibrate x batch_size`` training images (no augmentation, the same on every
+    process) with Brevitas' ``calibration_mode``, then the exact quantised network's evaluation
+    accuracy before any training step (post-training quantisation)."""
+    n = min(cfg.model.calibrate * cfg.optim.batch_size, len(data.train_set))
+    if n:
+        from brevitas.graph.calibrate import calibration_mode
+        from torchvision.transforms import v2
+        images = resident_tensors(data.train_set)[0][:n]
+        with torch.no_grad(), calibration_mode(run.net):
+            for i in tqdm(range(0, n, cfg.optim.batch_size), desc="calibrate", leave=False,
+                          disable=None if accelerator.is_local_main_process else True):
+                batch = images[i:i + cfg.optim.batch_size].to(accelerator.device)
+                run.net(v2.functional.to_dtype(batch, torch.float32, scale=True))
+    loss, acc = evaluate(run.model, data.eval_dl, run.criterion, accelerator, "start")
+    logger.info(f"start ({'calibrated on ' + str(n) + ' images, ' if n else ''}before training): "
+                f"eval (noise-free) loss {loss:.4f} acc {acc:.2f}%")
+    return {"calibration_images": n, "eval_loss": loss, "eval_acc": acc}
+
+
 # --- finish -----------------------------------------------------------------------------------
 
 def finish(cfg, accelerator, data, run: Run, run_dir: Path, agree: bool, t_start: float):
-    """The exact quantised model on the test set; results, weights, plots, export."""
+    """The exact quantised model (a float run: the float network) on the test set; results,
+    weights, plots, export."""
     test_loss, test_acc = evaluate(run.model, data.test_dl, run.criterion, accelerator, "test")
     agree = agree and rank_agreement(accelerator, run.net)
     accelerator.end_training()
@@ -577,6 +619,9 @@ def finish(cfg, accelerator, data, run: Run, run_dir: Path, agree: bool, t_start
             "train_images_per_s": (progress.train_images / progress.train_seconds
                                    if progress.train_seconds else None),
             "test_images": len(data.test_set),
+            # what --init-from loaded, left new and ignored (None: trained from scratch), and
+            # the accuracy before training (after calibration): where fine-tuning started
+            "init_from": run.init, "start": run.plan.get("start"),
             "device": str(accelerator.device), "mixed_precision": cfg.run.mixed_precision,
             "versions": {"torch": torch.__version__, "brevitas": brevitas.__version__,
                          "brevitas_ana": brevitas_ana.__version__,
@@ -588,9 +633,11 @@ def finish(cfg, accelerator, data, run: Run, run_dir: Path, agree: bool, t_start
             plot_metrics(run_dir / "metrics.csv")
         run.annealing.plot(run_dir / "sigma_schedule.png")
         if cfg.run.export:
-            results["export"] = export_and_validate(run.net, data.test_set, run_dir, accelerator)
+            results["export"] = export_and_validate(run.net, data.test_set, run_dir, accelerator,
+                                                    cfg.model.quantiser)
         write_json(run_dir / "results.json", results)
-        logger.info(f"test accuracy (exact quantised model, {len(data.test_set)} test images): "
+        what = "float network" if cfg.model.quantiser == "float" else "exact quantised model"
+        logger.info(f"test accuracy ({what}, {len(data.test_set)} test images): "
                     f"{test_acc:.2f}% -> {run_dir / 'results.json'}")
     error = None if agree else "error: processes ended with different parameters or noise"
     if accelerator.num_processes > 1:

@@ -159,3 +159,54 @@ def test_quantize_timm_errors():
     with pytest.raises(TypeError, match=r"^model: quantize_timm takes a torch.nn.Module, got str "
                                         r"'resnet99'; build it first: quantize_timm\(timm"):
         brevitas_ana.quantize_timm("resnet99")
+
+
+# --- the float twin -----------------------------------------------------------------------------
+
+def test_set_float_relaxes_every_quantiser_to_its_clamp_and_back():
+    """Relaxed, an integer quantiser is (clamp(x / s, min_int, max_int)) * s and a binary one
+    hardtanh(x / s) * s, computed here from the quantisers' own scales; the state dict is the
+    quantised network's; set_float(False) gives back the exact stair; a Brevitas reload keeps
+    the mode."""
+    torch.manual_seed(0)
+    for bits in (1, 2):
+        model = to_ana(cnv(bits))
+        x = torch.rand(4, 3, 32, 32) * 2 - 1
+        model.train()(x)  # scales exist
+        stair = model.eval()(x)
+        keys = list(model.state_dict())
+        assert brevitas_ana.set_float(model) is model
+        act = model.conv_features[3]  # the first hidden activation quantiser (CNV: scale 1)
+        y = torch.linspace(-3, 3, 24)  # no point on a boundary (+-1), where the slope splits
+        # binary (scale 1): hardtanh; CNV's 2-bit activations: signed, narrow range, scale 1,
+        # levels -1, 0, 1: the same clamp
+        torch.testing.assert_close(act(y), y.clamp(-1, 1), rtol=0, atol=0)
+        # not on the grid: the relaxation passes values between the levels
+        assert act(torch.tensor([0.3]))[0] == pytest.approx(0.3)
+        relaxed = model(x)
+        assert not torch.equal(relaxed, stair) and list(model.state_dict()) == keys
+        # gradient of the clamp: 1 inside the range, 0 outside
+        t = y.clone().requires_grad_()
+        act.train()(t).sum().backward()
+        assert torch.equal(t.grad, ((y > -1) & (y < 1)).float())
+        model.eval()
+        model.load_state_dict(model.state_dict())  # Brevitas rebuilds its quantiser modules
+        assert all(m.float_mode for _, m in ana_quantizers(model))
+        assert torch.equal(model(x), relaxed)
+        brevitas_ana.set_float(model, False)
+        assert torch.equal(model(x), stair)
+
+
+def test_set_float_on_a_learned_scale_quantiser_clamps_at_its_range():
+    model = to_ana(per_channel_net())
+    x = torch.randn(8, 3, 10, 10)
+    model.train()(x)
+    model.eval()
+    brevitas_ana.set_float(model)
+    relu = model[2]  # Int8ActPerTensorFloat at 4 bits, signed: levels -8..7 times its scale
+    scale = relu.act_quant.scale().item()
+    y = torch.linspace(-20, 20, 81) * scale
+    torch.testing.assert_close(relu(y), torch.relu(y).clamp(max=7 * scale), rtol=1e-6,
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="no ANA quantiser"):
+        brevitas_ana.set_float(per_channel_net())

@@ -638,3 +638,114 @@ def test_model_spec_records_the_whole_ana_config_and_rebuilds_it():
     options = {(m.noise, m.strategy, m.backward, m.sigma_grad_min, m.mu)
                for _, m in brevitas_ana.ana_quantizers(model)}
     assert options == {("normal", "mode", "exact", 0.3, 0.25)}
+
+
+# --- float baseline and --init-from ------------------------------------------------------------
+
+@pytest.mark.slow
+def test_float_run_exports_float_onnx_and_its_weights_start_a_quantised_run(tiny_cifar, tmp_path):
+    float_dir, ana_dir = tmp_path / "float", tmp_path / "ana"
+    common = ["--data-dir", tiny_cifar, "--epochs", "1", "--max-steps", "3"] + QUICK
+    run(common + ["--quantiser", "float", "--output-dir", float_dir])
+    res = json.loads((float_dir / "results.json").read_text())
+    assert res["init_from"] is None and res["export"]["passed"] is True
+    report = json.loads((float_dir / "export" / "report.json").read_text())
+    row = report["formats"]["float"]
+    assert row["argmax_agreement"] == 100.0 and row["max_abs_diff"] <= row["limit"]
+    # onnxruntime on the float ONNX reproduces the float network's test accuracy (40 images)
+    assert (float_dir / "export" / "model_float.onnx").is_file()
+    assert not (float_dir / "export" / "model_qonnx.onnx").exists()
+    spec = json.loads((float_dir / "model_spec.json").read_text())
+    assert spec["kwargs"]["quantiser"] == "float"
+    # the quantised run starts from every tensor of the float one
+    proc = run(common + ["--init-from", float_dir, "--output-dir", ana_dir, "--no-export"])
+    float_state = torch.load(float_dir / "model.pt")
+    res = json.loads((ana_dir / "results.json").read_text())
+    assert res["init_from"]["path"] == str(float_dir / "model.pt")
+    assert sorted(res["init_from"]["loaded"]) == sorted(float_state)
+    assert res["init_from"]["new"] == [] and res["init_from"]["ignored"] == []
+    assert f"--init-from {float_dir / 'model.pt'}: {len(float_state)} tensors loaded" in proc.stderr
+    # a network the file does not fit: the error names the tensor and nothing is written
+    error = main_error(common + ["--model", "vgg8", "--init-from", float_dir,
+                                 "--output-dir", tmp_path / "vgg"])
+    assert error.startswith("error: --init-from: ") and "no tensor of it has a place" in error
+    error = main_error(common + ["--weight-bit-width", "2", "--init-from", tmp_path / "nowhere",
+                                 "--output-dir", tmp_path / "vgg"])
+    assert error == f"error: --init-from: {tmp_path / 'nowhere'} does not exist"
+    assert not (tmp_path / "vgg").exists()
+
+
+def test_init_from_a_timm_checkpoint_fills_the_quantised_resnet(tmp_path):
+    """A float timm resnet18 of the recipe's shape, saved as timm's train script saves it (a
+    ``state_dict`` entry) and as safetensors, initialises the registered quantised resnet18
+    (names under its preprocessing wrapper's ``1.``); quantiser scales are new; a checkpoint
+    of another shape is an error naming the tensor, and leaves the network as it was."""
+    import timm
+    from safetensors.torch import save_file
+    from brevitas_ana.recipes.checkpoint import CheckpointError, init_from
+    from brevitas_ana.recipes.models import create_model
+    torch.manual_seed(0)
+    source = timm.create_model("resnet18", num_classes=10)
+    source.conv1 = torch.nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+    source.maxpool = torch.nn.Identity()
+    torch.save({"state_dict": source.state_dict(), "epoch": 3}, tmp_path / "r18.pth")
+    save_file(source.state_dict(), str(tmp_path / "r18.safetensors"))
+    for path in (tmp_path / "r18.pth", tmp_path / "r18.safetensors"):
+        model = create_model("resnet18", quantiser="ana")
+        report = init_from(model, path)
+        assert len(report["loaded"]) == len(source.state_dict()) and report["ignored"] == []
+        assert report["new"] and all("_quant." in k for k in report["new"])
+        for k, v in source.state_dict().items():
+            assert torch.equal(model.state_dict()["1." + k], v), k
+    other = timm.create_model("resnet18", num_classes=10)  # ImageNet stem: 7x7 conv1
+    torch.save(other.state_dict(), tmp_path / "imagenet_stem.pth")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"^--init-from: conv1.weight: shape \[64, 3, 7, 7\]"):
+        init_from(model, tmp_path / "imagenet_stem.pth")
+    partial = {k: v for k, v in source.state_dict().items() if k != "layer2.0.bn1.weight"}
+    torch.save(partial, tmp_path / "partial.pt")
+    with pytest.raises(CheckpointError, match=r"has no 1.layer2.0.bn1.weight"):
+        init_from(model, tmp_path / "partial.pt")
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.slow
+def test_calibration_sets_the_scales_and_the_start_accuracy_is_recorded(tiny_cifar, tmp_path):
+    """--init-from a float timm resnet18 file with --calibrate 2: results.json's start accuracy
+    is the post-training-quantised network's, reproduced here by hand (the same weights,
+    Brevitas' calibration_mode on the first 32 training images, evaluation on the test set);
+    calibration moved the activation scales away from their untrained values."""
+    import timm
+    from brevitas.graph.calibrate import calibration_mode
+    from brevitas_ana.recipes.checkpoint import init_from
+    from brevitas_ana.recipes.data import datasets, resident_tensors
+    from brevitas_ana.recipes.models import create_model
+    torch.manual_seed(0)
+    source = timm.create_model("resnet18", num_classes=10)
+    source.conv1 = torch.nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+    source.maxpool = torch.nn.Identity()
+    torch.save(source.state_dict(), tmp_path / "float.pth")
+    out = tmp_path / "run"
+    run(["--config", CONFIGS / "resnet18_w4a4.yaml", "--data-dir", tiny_cifar, "--epochs", "1",
+         "--max-steps", "1", "--init-from", tmp_path / "float.pth", "--calibrate", "2",
+         "--no-export", "--output-dir", out] + QUICK, env={"OMP_NUM_THREADS": "1"})
+    start = json.loads((out / "results.json").read_text())["start"]
+    assert start["calibration_images"] == 32
+    torch.set_num_threads(1)
+    model = create_model("resnet18", quantiser="ana")
+    init_from(model, tmp_path / "float.pth")
+    train, _, test = datasets(tiny_cifar, False)
+    images = resident_tensors(train)[0][:32].float() / 255
+    with torch.no_grad(), calibration_mode(model):
+        for x in images.split(16):
+            model(x)
+    scale = model[1].layer1[0].conv1.input_quant.scale().item()
+    model.eval()
+    with torch.no_grad():
+        x, y = resident_tensors(test)
+        correct = (model(x.float() / 255).argmax(1) == y).sum().item()
+    assert start["eval_acc"] == pytest.approx(100.0 * correct / len(y))
+    untrained = create_model("resnet18", quantiser="ana")
+    untrained.eval()
+    assert scale != pytest.approx(untrained[1].layer1[0].conv1.input_quant.scale().item())
