@@ -396,6 +396,11 @@ def test_a_run_from_each_shipped_config_resumes_after_sigkill_and_extends(config
             "--epochs", "2", "--batch-size", "16", "--num-workers", "0", "--no-export",
             "--lr", "0.004", "--optim.weight_decay", "0.0001", "--keep-checkpoints", "3",
             "--sigma-grad-min", "0.6"]
+    if config.endswith("_finetune"):  # it starts from its float twin's run, made first
+        fast = config.replace("_finetune", "_fast")
+        run(args[:1] + [CONFIGS / f"{fast}.yaml"] + args[2:] +
+            ["--quantiser", "float", "--output-dir", tmp_path / "float"])
+        args += ["--init-from", tmp_path / "float"]
     run(args + ["--output-dir", tmp_path / "straight"])
     out = tmp_path / "killed"
     # 7 steps per epoch: step 10 is in the middle of epoch 2
