@@ -65,8 +65,9 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class AnaSection(brevitas_ana.AnaConfig):
-    """ANA noise and its annealing: brevitas_ana.AnaConfig and the AnaController's fields, with
-    the library's defaults (brevitas_ana/options.py).
+    """ANA noise and its annealing: brevitas_ana.AnaConfig and the controller's fields.
+
+    The library's own defaults (brevitas_ana/options.py): one set, nothing restated here.
 
     Args:
         noise: noise family (uniform, triangular, normal, logistic, or a registered one)

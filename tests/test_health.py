@@ -34,13 +34,15 @@ def test_pass_fraction_and_weight_norm_match_closed_forms(backward, sigma):
     assert list(ctl.groups) == ["1", "2"]  # the activation, then the ternary layer
     health = GradientHealth(ctl)
     half = math.sqrt(3) * sigma  # uniform noise: half-width of the support
+    # the backward's noise: under floor the default floor (0.5774: half-width one step)
+    half_b = math.sqrt(3) * (max(sigma, AnaConfig().sigma_grad_min) if backward == "floor"
+                             else sigma)
 
     def slope(v):
         """d/dv of the smoothed ternary stair at the backward noise, in steps (thresholds
-        +-1/2); under floor, uniform half-width 1/2: 1 strictly inside (-1, 1)."""
-        if backward == "floor":
-            return (v.abs() < 1).double()
-        return (((v - 0.5).abs() < half).double() + ((v + 0.5).abs() < half).double()) / (2 * half)
+        +-1/2): each threshold within the half-width adds 1 / (2 half-width)."""
+        return (((v - 0.5).abs() < half_b).double()
+                + ((v + 0.5).abs() < half_b).double()) / (2 * half_b)
 
     def forward(v):
         """The training forward, E[Q(v + n)] = -1 + F(v + 1/2) + F(v - 1/2) with the uniform
