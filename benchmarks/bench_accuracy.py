@@ -146,7 +146,8 @@ def run_key(config: dict) -> str:
 def _identity(config: dict) -> dict:
     from brevitas_ana.recipes.config import flat
     config = flat(config)
-    ignored = ("resume", "overwrite") + (ANA_KEYS if config.get("quantiser") == "ste" else ())
+    ignored = ("resume", "overwrite") + (ANA_KEYS if config.get("quantiser") in ("ste", "float")
+                                         else ())
     # keys added since (controller groups and schedules) count only when they are set
     return {k: v for k, v in config.items() if k not in ignored
             and not (k in ("groups", "schedules") and v is None)}
@@ -173,6 +174,7 @@ def row_of(run, run_dir: Path) -> dict:
     from brevitas_ana.recipes.config import flat
     cfg = flat(res["config"])
     setting = ("STE (stock Brevitas)" if cfg["quantiser"] == "ste" else
+               "float twin" if cfg["quantiser"] == "float" else
                f"ANA {cfg['preset']}, {cfg['backward']}{floor_of(cfg)}, {cfg['noise']}")
     setting += f" {run['extra']}" if run["extra"] else ""
     return {"config": run["config"].stem, "setting": setting, "seed": cfg["seed"],

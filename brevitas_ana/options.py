@@ -82,4 +82,5 @@ class AnaConfig:
         """The Brevitas injector attributes of an ANA quantiser with these options (noise off)."""
         return dict(ana_noise=self.noise, ana_strategy=self.strategy,
                     ana_annealed_grad=self.annealed_grad, ana_sigma=0.0, ana_mu=self.mu,
-                    ana_backward=self.quantiser_backward, ana_sigma_grad_min=self.sigma_grad_min)
+                    ana_backward=self.quantiser_backward, ana_sigma_grad_min=self.sigma_grad_min,
+                    ana_float=False)

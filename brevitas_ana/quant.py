@@ -118,7 +118,7 @@ class AnaQuantMixin:
     @property
     def stock_path(self) -> bool:
         """True when the output must be the stock quantiser's: eval mode, or noise annealed away
-        (forward and backward) with Brevitas' STE as the gradient."""
+        (forward and backward) with Brevitas' STE as the gradient; never for a float twin."""
         return not self.float_mode and (not self.training or (
             max(self.sigma, self.grad_floor) < SIGMA_MIN and self.annealed_grad == "ste"))
 
@@ -138,7 +138,8 @@ class AnaQuantMixin:
     def extra_repr(self):
         return (f"noise={self.noise}, sigma={self.sigma:g}, mu={self.mu:g}, "
                 f"strategy={self.strategy}, annealed_grad={self.annealed_grad}, "
-                f"backward={self.backward}, sigma_grad_min={self.sigma_grad_min:g}")
+                f"backward={self.backward}, sigma_grad_min={self.sigma_grad_min:g}"
+                + (", float_mode=True" if self.float_mode else ""))
 
 
 def _check_round(float_to_int_impl):

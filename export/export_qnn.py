@@ -32,6 +32,7 @@ import onnx
 import torch
 from tqdm.auto import tqdm
 
+from brevitas_ana import ana_quantizers
 from brevitas_ana.export import graphs, int_only, runtime
 from brevitas_ana.export.graphs import ExportError
 from brevitas_ana.export.validate import Tolerance, compare
@@ -92,6 +93,16 @@ def check_trained(model: torch.nn.Module):
         raise ExportError(f"the model was never trained: {len(never)} activation scale(s) were "
                           f"never estimated from data (e.g. {never[0]}); train it or load trained "
                           f"weights first")
+
+
+def check_quantised(model: torch.nn.Module):
+    """Refuse a float twin (:func:`brevitas_ana.set_float`): its quantisers compute clamps, so
+    the quantised graphs would not be the network the reference comes from."""
+    relaxed = [name for name, m in ana_quantizers(model) if m.float_mode]
+    if relaxed:
+        raise ExportError(f"the model is a float twin: {len(relaxed)} quantiser(s) are relaxed "
+                          f"to float (e.g. {relaxed[0]}); export_float writes its float ONNX, or "
+                          f"brevitas_ana.set_float(model, False) quantises it again")
 
 
 def atomic_write(path, write: Callable[[Path], None]):
@@ -255,6 +266,7 @@ def _export(model, images, output_dir, labels, formats, tolerance, batch_size,
         raise ExportError(f"formats: unknown {unknown or 'empty'}; choose from {list(FORMATS)}")
     tolerance = tolerance or Tolerance()
     check_trained(model)
+    check_quantised(model)
     images, labels = check_inputs(images, labels)
     out = check_writable(output_dir)
     try:
@@ -343,11 +355,16 @@ def export_float(model: torch.nn.Module, images, output_dir, labels=None, batch_
     path.unlink(missing_ok=True)
     net = copy.deepcopy(model).float().cpu().eval()
     example = torch.from_numpy(images[:1])
-    with warnings.catch_warnings():  # the tracer's notes on Brevitas' constant tensors
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        atomic_write(path, lambda tmp: torch.onnx.export(
-            net, (example,), str(tmp), dynamo=False, input_names=["images"],
-            output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}))
+    try:
+        with warnings.catch_warnings():  # the tracer's notes on Brevitas' constant tensors
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            atomic_write(path, lambda tmp: torch.onnx.export(
+                net, (example,), str(tmp), dynamo=False, input_names=["images"],
+                output_names=["logits"],
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}))
+    except Exception as e:  # torch's exporter raises many kinds, over many lines
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {first[:300]}") from None
     logits = runtime.run_onnxruntime(onnx.load(str(path)), images, batch_size)
     limit = rtol * max(1.0, float(np.abs(reference).max()))
     row = compare(reference, logits, labels, np.float64(limit))  # differences in units of limit

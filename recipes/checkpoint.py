@@ -7,11 +7,14 @@ is needed; runs written before specs existed fall back to the run's ``config.jso
 failure names the file or field at fault."""
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import re
 from pathlib import Path
 from typing import Optional, Tuple
 
+import brevitas.config
 import torch
 
 from brevitas_ana.export.export_qnn import atomic_write
@@ -190,7 +193,9 @@ def read_state_dict(path: Path) -> dict:
             from safetensors.torch import load_file
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            # timm's train script saves its argparse.Namespace beside the weights
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch's and safetensors' messages run over several lines
         raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or truncated?): "
                               f"{load_problem(e)}") from None
@@ -277,21 +282,37 @@ def _renamings(source, target):
     return list(dict.fromkeys(out))
 
 
+@contextlib.contextmanager
+def _full_state_dict():
+    """Brevitas' state_dict with the scales it leaves out until their first forward (a new
+    network's placeholders): the names and shapes a file may fill."""
+    saved = brevitas.config._FULL_STATE_DICT
+    brevitas.config._FULL_STATE_DICT = True
+    try:
+        yield
+    finally:
+        brevitas.config._FULL_STATE_DICT = saved
+
+
 def init_from(model: torch.nn.Module, source, flag: str = "--init-from") -> dict:
     """Load into ``model`` the tensors of ``source`` (a run directory, a checkpoint folder, a
     weights file, or a timm checkpoint ``.pth`` / ``.safetensors``), matched by name; a
     wrapper's prefix (``module.``) or the network's own (a preprocessing wrapper's ``1.``) is
-    matched up. Returns ``{"path", "loaded", "new", "ignored"}``: the network's tensors loaded,
-    those not in the file (only a quantiser's state may be: its scales are estimated afresh) and
-    the file's tensors the network has no place for. Never partial: ``CheckpointError`` naming
-    the tensor when a shape differs or a weight of the network is missing, and naming the file
-    when nothing matches; ``model`` is unchanged then."""
+    matched up. Returns ``{"path", "loaded", "new", "ignored"}``: the network's tensors loaded
+    (trained scales included), those not in the file (only a quantiser's state may be: its
+    scales are then estimated afresh from data) and the file's tensors the network has no
+    place for. Never partial: ``CheckpointError`` naming the tensor when a shape differs or a
+    weight of the network is missing, and naming the file when nothing matches; ``model`` is
+    unchanged then."""
     weights, _ = locate(source, flag)
-    state = read_state_dict(weights)
-    target = model.state_dict()
-    best = max(_renamings(list(state), list(target)),
-               key=lambda r: sum(r[1] + k[len(r[0]):] in target for k in state))
-    drop, add = best
+    try:
+        state = read_state_dict(weights)
+    except CheckpointError as e:
+        raise CheckpointError(f"{flag}: {e}") from None
+    with _full_state_dict():
+        target = model.state_dict()
+    drop, add = max(_renamings(list(state), list(target)),
+                    key=lambda r: sum(r[1] + k[len(r[0]):] in target for k in state))
     mapped = {add + k[len(drop):]: k for k in state}
     loaded = [t for t in target if t in mapped]
     if not loaded:
@@ -312,12 +333,11 @@ def init_from(model: torch.nn.Module, source, flag: str = "--init-from") -> dict
                                                         if len(missing) > 1 else "") +
             ": a different network? (only quantiser scales may be missing)")
     ignored = [k for t, k in mapped.items() if t not in target]
-    merged = dict(target)
-    merged.update({t: state[mapped[t]] for t in loaded})
-    # not strict: a scale Brevitas estimates from data has no tensor until its first forward
-    result = model.load_state_dict(merged, strict=False)
-    assert not result.unexpected_keys and all(_QUANT_STATE.search(k) for k in result.missing_keys)
-    new = list(dict.fromkeys(new + result.missing_keys))
+    # only what the file holds: a scale given no value keeps collecting its statistics
+    result = model.load_state_dict({t: state[mapped[t]] for t in loaded}, strict=False)
+    if result.unexpected_keys:
+        raise CheckpointError(f"{flag}: {weights}: the network refused "
+                              f"{result.unexpected_keys[:3]}")
     return {"path": str(weights), "loaded": loaded, "new": new, "ignored": ignored}
 
 

@@ -297,7 +297,7 @@ def _main(argv=None):
     run_dir, existing, ckpt, plan = check_run(cfg)
     accelerator, csv_tracker = make_accelerator(cfg, run_dir)
     data = load_data(cfg, accelerator)
-    run = build(cfg, accelerator, data, plan)
+    run = build(cfg, accelerator, data, plan, resuming=ckpt is not None)
     if ckpt is not None:
         resume(cfg, accelerator, run, ckpt)
     elif cfg.model.init_from or cfg.model.calibrate:
@@ -425,15 +425,15 @@ class Run(SimpleNamespace):
                 or bool(max_steps and self.progress.step >= max_steps))
 
 
-def build(cfg, accelerator, data, plan: dict) -> Run:
-    """The network, its optimiser and lr schedule, and (ANA runs) the controller, all
-    registered for checkpointing."""
+def build(cfg, accelerator, data, plan: dict, resuming: bool) -> Run:
+    """The network (a fresh run: from ``--init-from``'s tensors when given), its optimiser and
+    lr schedule, and (ANA runs) the controller, all registered for checkpointing."""
     # written beside every set of weights: how to rebuild the network without this config
     spec = model_spec(cfg.model, cfg.ana.options())
     model = create_model(spec["name"], **spec["kwargs"])
-    init = None
-    if cfg.model.init_from:  # before the optimiser: Brevitas rebuilds quantisers on a load
-        try:
+    init = plan.get("init_from")  # a resume: what the run started from, as it was recorded
+    if cfg.model.init_from and not resuming:  # before the optimiser: Brevitas rebuilds
+        try:                                   # quantisers on a load
             init = init_from(model, cfg.model.init_from)
         except CheckpointError as e:
             sys.exit(f"error: {e}")
@@ -489,7 +489,7 @@ def build(cfg, accelerator, data, plan: dict) -> Run:
                                            *annealing.checkpointed)
     return Run(cfg=cfg, model=model, net=net, optimizer=optimizer, scheduler=scheduler,
                criterion=criterion, annealing=annealing, progress=progress, spec=spec,
-               plan={"anneal_steps": total_steps, "start": plan.get("start")}, init=init)
+               plan={"anneal_steps": total_steps, "init_from": init, "start": plan.get("start")})
 
 
 def resume(cfg, accelerator, run: Run, ckpt: Path):
@@ -582,14 +582,27 @@ def start_point(cfg, accelerator, data, run) -> dict:
     accuracy before any training step (post-training quantisation)."""
     n = min(cfg.model.calibrate * cfg.optim.batch_size, len(data.train_set))
     if n:
+        from brevitas.core.scaling.standalone import ParameterFromRuntimeStatsScaling
         from brevitas.graph.calibrate import calibration_mode
         from torchvision.transforms import v2
+        scales = sum(isinstance(m, ParameterFromRuntimeStatsScaling) for m in run.net.modules())
+        if not scales:
+            logger.info("--calibrate: no activation scale of this network is estimated from "
+                        "data (its scales are constants): calibration changes nothing")
         images = resident_tensors(data.train_set)[0][:n]
+        # eval: the loaded BatchNorm statistics stay; calibration_mode switches only the
+        # quantisers to collecting their statistics
+        run.net.eval()
         with torch.no_grad(), calibration_mode(run.net):
             for i in tqdm(range(0, n, cfg.optim.batch_size), desc="calibrate", leave=False,
                           disable=None if accelerator.is_local_main_process else True):
                 batch = images[i:i + cfg.optim.batch_size].to(accelerator.device)
                 run.net(v2.functional.to_dtype(batch, torch.float32, scale=True))
+        if accelerator.num_processes > 1:  # the same images everywhere; make it bit-identical
+            from accelerate.utils import broadcast
+            with torch.no_grad():
+                for t in list(run.net.parameters()) + list(run.net.buffers()):
+                    t.copy_(broadcast(t.detach().clone(), from_process=0))
     loss, acc = evaluate(run.model, data.eval_dl, run.criterion, accelerator, "start")
     logger.info(f"start ({'calibrated on ' + str(n) + ' images, ' if n else ''}before training): "
                 f"eval (noise-free) loss {loss:.4f} acc {acc:.2f}%")
@@ -621,7 +634,7 @@ def finish(cfg, accelerator, data, run: Run, run_dir: Path, agree: bool, t_start
             "test_images": len(data.test_set),
             # what --init-from loaded, left new and ignored (None: trained from scratch), and
             # the accuracy before training (after calibration): where fine-tuning started
-            "init_from": run.init, "start": run.plan.get("start"),
+            "init_from": run.plan.get("init_from"), "start": run.plan.get("start"),
             "device": str(accelerator.device), "mixed_precision": cfg.run.mixed_precision,
             "versions": {"torch": torch.__version__, "brevitas": brevitas.__version__,
                          "brevitas_ana": brevitas_ana.__version__,

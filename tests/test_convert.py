@@ -190,11 +190,18 @@ def test_set_float_relaxes_every_quantiser_to_its_clamp_and_back():
         act.train()(t).sum().backward()
         assert torch.equal(t.grad, ((y > -1) & (y < 1)).float())
         model.eval()
+        before = [m for _, m in ana_quantizers(model)]  # held: ids are not reused meanwhile
         model.load_state_dict(model.state_dict())  # Brevitas rebuilds its quantiser modules
-        assert all(m.float_mode for _, m in ana_quantizers(model))
+        after = [m for _, m in ana_quantizers(model)]
+        assert len(after) == len(before) and not any(a is b for a in after for b in before)
+        assert all(m.float_mode for _, m in ana_quantizers(model))  # ...relaxed all the same
         assert torch.equal(model(x), relaxed)
         brevitas_ana.set_float(model, False)
         assert torch.equal(model(x), stair)
+        # back to stock and to ANA again: the new quantisers are not relaxed, and stay so
+        to_ana(to_stock(model))
+        model.load_state_dict(model.state_dict())
+        assert not any(m.float_mode for _, m in ana_quantizers(model))
 
 
 def test_set_float_on_a_learned_scale_quantiser_clamps_at_its_range():

@@ -511,3 +511,35 @@ def test_an_operator_the_exporter_cannot_handle_is_one_line_naming_it(tmp_path):
     assert "aten::scaled_dot_product_attention" in message and "fused_attn=False" in message
     assert "\n" not in message
     assert not (tmp_path / "out").exists()  # no empty output folder left behind
+
+
+# --- the float twin -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", ["w1a1", "w4a4"])
+def test_float_twin_exports_its_float_onnx_and_export_qnn_refuses_it(bits, tmp_path):
+    """export_float's ONNX runs in onnxruntime to the float twin's own logits (hardtanh /
+    clamped activations, float weights), computed here by PyTorch; export_qnn refuses a float
+    twin, naming export_float, and writes nothing."""
+    from brevitas_ana.export import export_float
+    model = brevitas_ana.to_ana(tiny_qnn(bits, False, po2=False))
+    images = torch.rand(12, 3, 8, 8)
+    labels = torch.randint(0, 10, (12,))
+    model.train()(images)  # scales from data
+    brevitas_ana.set_float(model)
+    report = export_float(model.eval(), images, tmp_path / "out", labels=labels)
+    row = report["formats"]["float"]
+    assert report["passed"] and row["argmax_agreement"] == 100.0
+    sess = ort.InferenceSession(str(tmp_path / "out" / "model_float.onnx"))
+    logits = sess.run(None, {"images": images.numpy()})[0]
+    with torch.no_grad():
+        expected = model(images).numpy()
+    assert np.abs(logits - expected).max() == pytest.approx(row["max_abs_diff"], abs=1e-6)
+    assert row["max_abs_diff"] <= 1e-4 * max(1.0, float(np.abs(expected).max()))
+    # the float twin computes something else than the QNN (values between the levels)
+    brevitas_ana.set_float(model, False)
+    with torch.no_grad():
+        assert not np.allclose(model(images).numpy(), expected)
+    brevitas_ana.set_float(model)
+    with pytest.raises(ExportError, match="float twin.*export_float"):
+        export_qnn(model, images, tmp_path / "qnn")
+    assert not (tmp_path / "qnn").exists()

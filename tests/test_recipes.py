@@ -408,9 +408,16 @@ def test_a_run_from_each_shipped_config_resumes_after_sigkill_and_extends(config
     assert proc.returncode == -9 and [p.name for p in (out / "checkpoints").iterdir()] == [
         "checkpoint_1"]
     assert load_every_checkpoint_file(out) >= 3  # optimiser, RNG, progress, scheduler (...)
+    if config.endswith("_finetune"):  # a resume continues the run: it reads --init-from no more
+        (tmp_path / "float").rename(tmp_path / "float_elsewhere")
     run(args + ["--output-dir", out, "--resume", "latest"])
     a = json.loads((tmp_path / "straight" / "results.json").read_text())
     b = json.loads((out / "results.json").read_text())
+    assert b["init_from"] == a["init_from"] and b["start"] == a["start"]
+    if config.endswith("_finetune"):
+        assert a["init_from"]["path"] == str(tmp_path / "float" / "model.pt")
+        assert a["start"]["eval_acc"] >= 0 and a["start"]["calibration_images"] == 0
+        (tmp_path / "float_elsewhere").rename(tmp_path / "float")
     assert (b["epochs"], b["steps"]) == (a["epochs"], a["steps"]) == (2, 14)
     assert b["test_acc"] == a["test_acc"]
     sa, sb = torch.load(tmp_path / "straight" / "model.pt"), torch.load(out / "model.pt")
@@ -693,7 +700,9 @@ def test_init_from_a_timm_checkpoint_fills_the_quantised_resnet(tmp_path):
     source = timm.create_model("resnet18", num_classes=10)
     source.conv1 = torch.nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
     source.maxpool = torch.nn.Identity()
-    torch.save({"state_dict": source.state_dict(), "epoch": 3}, tmp_path / "r18.pth")
+    import argparse  # timm's train script saves its arguments beside the weights
+    torch.save({"state_dict": source.state_dict(), "epoch": 3,
+                "args": argparse.Namespace(model="resnet18", lr=0.1)}, tmp_path / "r18.pth")
     save_file(source.state_dict(), str(tmp_path / "r18.safetensors"))
     for path in (tmp_path / "r18.pth", tmp_path / "r18.safetensors"):
         model = create_model("resnet18", quantiser="ana")
@@ -742,6 +751,7 @@ def test_calibration_sets_the_scales_and_the_start_accuracy_is_recorded(tiny_cif
     init_from(model, tmp_path / "float.pth")
     train, _, test = datasets(tiny_cifar, False)
     images = resident_tensors(train)[0][:32].float() / 255
+    model.eval()
     with torch.no_grad(), calibration_mode(model):
         for x in images.split(16):
             model(x)
@@ -754,3 +764,28 @@ def test_calibration_sets_the_scales_and_the_start_accuracy_is_recorded(tiny_cif
     untrained = create_model("resnet18", quantiser="ana")
     untrained.eval()
     assert scale != pytest.approx(untrained[1].layer1[0].conv1.input_quant.scale().item())
+
+
+def test_init_from_a_quantised_run_loads_its_trained_scales(tmp_path):
+    """The learned activation scales a trained network holds (Brevitas leaves them out of a new
+    network's state_dict until its first forward) are loaded, not ignored: the new network
+    computes what the saved one does; without them it would start from placeholders."""
+    from brevitas_ana.recipes.checkpoint import init_from
+    from brevitas_ana.recipes.models import create_model
+    torch.manual_seed(0)
+    trained = create_model("resnet18", quantiser="ana")
+    trained.train()
+    with torch.no_grad():
+        for _ in range(3):
+            trained(torch.rand(4, 3, 32, 32))
+    torch.save(trained.state_dict(), tmp_path / "trained.pt")
+    model = create_model("resnet18", quantiser="ana")
+    report = init_from(model, tmp_path / "trained.pt")
+    scales = [k for k in report["loaded"] if k.endswith("input_quant.fused_activation_quant_proxy"
+                                                         ".tensor_quant.scaling_impl.value")]
+    assert len(scales) == 21 and report["ignored"] == []
+    x = torch.rand(4, 3, 32, 32)
+    trained.eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), trained(x))
