@@ -148,9 +148,12 @@ def _identity(config: dict) -> dict:
     config = flat(config)
     ignored = ("resume", "overwrite") + (ANA_KEYS if config.get("quantiser") in ("ste", "float")
                                          else ())
-    # keys added since (controller groups and schedules) count only when they are set
+    # keys added since (controller groups and schedules, the start from weights) count only
+    # when they are set: runs finished before them stay valid
+    unset = {"groups": (None,), "schedules": (None,), "init_from": (None,),
+             "calibrate": (None, 0)}
     return {k: v for k, v in config.items() if k not in ignored
-            and not (k in ("groups", "schedules") and v is None)}
+            and not (k in unset and v in unset[k])}
 
 
 def launch(run, out: Path, threads: int) -> int:
