@@ -69,7 +69,7 @@ def test_a_controller_built_with_no_options_anneals_like_the_default_recipe():
     data = SimpleNamespace(resident=False, train_dl=[None] * steps_per_epoch, eval_dl=[],
                            test_dl=[])
     accelerator = Accelerator(cpu=True)
-    recipe = build(cfg, accelerator, data, plan={}).annealing.controller
+    recipe = build(cfg, accelerator, data, plan={}, resuming=False).annealing.controller
     spec = model_spec(cfg.model, brevitas_ana.AnaConfig())
     torch.manual_seed(0)
     library = brevitas_ana.AnaController(create_model(spec["name"], **spec["kwargs"]),
