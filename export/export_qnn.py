@@ -237,6 +237,17 @@ def torch_logits(model, images: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate(outs)
 
 
+def _reference(model, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """:func:`torch_logits`, or ExportError naming ``images`` when the model does not take
+    them (checked before any file is written)."""
+    try:
+        return torch_logits(model, images, batch_size)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ExportError(f"images: the model does not take images of shape "
+                          f"{list(images.shape[1:])} ({first})") from None
+
+
 def export_qnn(model: torch.nn.Module, images, output_dir, labels=None,
                formats: Sequence[str] = FORMATS, tolerance: Optional[Tolerance] = None,
                batch_size: int = 100, input_description: str = INPUT,
@@ -269,12 +280,7 @@ def _export(model, images, output_dir, labels, formats, tolerance, batch_size,
     check_quantised(model)
     images, labels = check_inputs(images, labels)
     out = check_writable(output_dir)
-    try:
-        reference = torch_logits(model, images, batch_size)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ExportError(f"images: the model does not take images of shape "
-                          f"{list(images.shape[1:])} ({first})") from None
+    reference = _reference(model, images, batch_size)
     (out / "report.json").unlink(missing_ok=True)  # a stale report must not describe new files
 
     example = torch.from_numpy(images[:1])
@@ -344,12 +350,7 @@ def export_float(model: torch.nn.Module, images, output_dir, labels=None, batch_
     max(1, max |logit|)``."""
     images, labels = check_inputs(images, labels)
     out = check_writable(output_dir)
-    try:
-        reference = torch_logits(model, images, batch_size)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ExportError(f"images: the model does not take images of shape "
-                          f"{list(images.shape[1:])} ({first})") from None
+    reference = _reference(model, images, batch_size)
     path = out / f"{name}_float.onnx"
     (out / "report.json").unlink(missing_ok=True)
     path.unlink(missing_ok=True)
@@ -367,11 +368,11 @@ def export_float(model: torch.nn.Module, images, output_dir, labels=None, batch_
         raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {first[:300]}") from None
     logits = runtime.run_onnxruntime(onnx.load(str(path)), images, batch_size)
     limit = rtol * max(1.0, float(np.abs(reference).max()))
-    row = compare(reference, logits, labels, np.float64(limit))  # differences in units of limit
-    row = {"file": str(path), "top1_torch": row["top1_torch"], "top1_export": row["top1_export"],
-           "argmax_agreement": row["argmax_agreement"],
-           "max_abs_diff": float(np.abs(logits.astype(np.float64) - reference).max()),
-           "limit": limit}
+    figures = compare(reference, logits, labels, np.float64(1.0))  # differences in logit units
+    row = {"file": str(path), "top1_torch": figures["top1_torch"],
+           "top1_export": figures["top1_export"],
+           "argmax_agreement": figures["argmax_agreement"],
+           "max_abs_diff": figures["max_diff_quanta"], "limit": limit}
     row["passed"] = row["argmax_agreement"] == 100.0 and row["max_abs_diff"] <= limit
     report = {"num_images": int(len(images)), "input_shape": list(images.shape[1:]),
               "onnxruntime": {"version": runtime.ort.__version__}, "formats": {"float": row},

@@ -35,9 +35,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import brevitas_ana
 from brevitas_ana.recipes.config import ConfigError, flat, parse_args, to_dict
+from brevitas_ana.export import ExportError, export_float, export_qnn
+from brevitas_ana.export.export_qnn import atomic_write, check_writable
+from brevitas_ana.export.validate import table
 from brevitas_ana.recipes.data import (ResidentLoader, datasets, resident_tensors,
                                        seed_augmentation)
-from brevitas_ana.export.export_qnn import atomic_write
 from brevitas_ana.recipes.checkpoint import (COMPLETE, CheckpointError, RuntimeStatsState,
                                              checkpoints, describe_init, init_from, load_problem,
                                              verify_checkpoint, write_spec, write_text)
@@ -257,8 +259,6 @@ def export_and_validate(net, test_set, run_dir: Path, accelerator, quantiser: st
     """QONNX (FINN-ready), QCDQ, integer and integer-only ONNX of the trained network in
     RUN/export, validated against it on the first test images (the full export stage:
     ``recipes/export_run.py``); a float run's float ONNX."""
-    from brevitas_ana.export import ExportError, export_float, export_qnn
-    from brevitas_ana.export.validate import table
     n = min(max_images, len(test_set))
     images = torch.stack([test_set[i][0] for i in range(n)])
     labels = torch.tensor([int(test_set[i][1]) for i in range(n)])
@@ -337,8 +337,6 @@ def check_run(cfg):
     holds anything is continued (--resume) or replaced on request (--overwrite), and nothing is
     written or removed until the run is known to start (data, model and checkpoint loaded)."""
     run_dir = Path(cfg.run.output_dir)
-    from brevitas_ana.export import ExportError
-    from brevitas_ana.export.export_qnn import check_writable
     try:
         check_writable(run_dir, "--output-dir", create=False)
     except ExportError as e:
