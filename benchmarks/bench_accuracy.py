@@ -151,7 +151,7 @@ def _identity(config: dict) -> dict:
     # keys added since (controller groups and schedules, the start from weights) count only
     # when they are set: runs finished before them stay valid
     unset = {"groups": (None,), "schedules": (None,), "init_from": (None,),
-             "calibrate": (None, 0)}
+             "calibrate": (None, 0), "norm_correction": (None, False)}
     return {k: v for k, v in config.items() if k not in ignored
             and not (k in unset and v in unset[k])}
 

@@ -53,6 +53,8 @@ class ModelSection:
             may be missing: estimated afresh); not a resume (--resume continues a run)
         calibrate: batches of training images run through Brevitas' calibration_mode before
             training, to set the activation scales from data; 0: none
+        norm_correction: then, on the same batches, Brevitas' norm_correction_mode re-estimates
+            every BatchNorm's statistics on the quantised network (needs calibrate > 0)
     """
     name: str = "cnv"
     weight_bit_width: PositiveInt = 2
@@ -61,6 +63,7 @@ class ModelSection:
     quantiser: Literal["ana", "ste", "float"] = "ana"
     init_from: Optional[str] = None
     calibrate: NonNegativeInt = 0
+    norm_correction: bool = False
 
 
 @dataclass(frozen=True)
@@ -280,6 +283,9 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     if not 0.0 <= cfg.optim.label_smoothing < 1.0:
         raise ConfigError(f"optim.label_smoothing: must be in [0, 1), got "
                           f"{cfg.optim.label_smoothing!r}")
+    if cfg.model.norm_correction and not cfg.model.calibrate:
+        raise ConfigError("model.norm_correction: needs model.calibrate > 0 (the batches it "
+                          "re-estimates the BatchNorm statistics on)")
     if not 0.0 < cfg.ana.anneal_end <= 1.0:
         raise ConfigError(f"ana.anneal_end: must be in (0, 1] (a fraction of the run), got "
                           f"{cfg.ana.anneal_end!r}")

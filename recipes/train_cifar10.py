@@ -576,8 +576,11 @@ def train_epoch(cfg, accelerator, data, run: Run, hooks) -> dict:
 def start_point(cfg, accelerator, data, run) -> dict:
     """Where a run that starts from weights or calibrates begins: the activation scales set from
     the first ``calibrate x batch_size`` training images (no augmentation, the same on every
-    process) with Brevitas' ``calibration_mode``, then the exact quantised network's evaluation
-    accuracy before any training step (post-training quantisation)."""
+    process) with Brevitas' ``calibration_mode``; with ``norm_correction``, every BatchNorm's
+    statistics then re-estimated on the same images through the quantised network with Brevitas'
+    ``norm_correction_mode`` (mean := the new mean, var := sqrt(old var x new var)); then the
+    exact quantised network's evaluation accuracy before any training step (post-training
+    quantisation)."""
     n = min(cfg.model.calibrate * cfg.optim.batch_size, len(data.train_set))
     if n:
         from brevitas.core.scaling.standalone import ParameterFromRuntimeStatsScaling
@@ -586,16 +589,32 @@ def start_point(cfg, accelerator, data, run) -> dict:
         scales = sum(isinstance(m, ParameterFromRuntimeStatsScaling) for m in run.net.modules())
         if not scales:
             logger.info("--calibrate: no activation scale of this network is estimated from "
-                        "data (its scales are constants): calibration changes nothing")
+                        "data (its scales are constants): calibration_mode changes nothing")
         images = resident_tensors(data.train_set)[0][:n]
         # eval: the loaded BatchNorm statistics stay; calibration_mode switches only the
         # quantisers to collecting their statistics
         run.net.eval()
-        with torch.no_grad(), calibration_mode(run.net):
-            for i in tqdm(range(0, n, cfg.optim.batch_size), desc="calibrate", leave=False,
-                          disable=None if accelerator.is_local_main_process else True):
-                batch = images[i:i + cfg.optim.batch_size].to(accelerator.device)
-                run.net(v2.functional.to_dtype(batch, torch.float32, scale=True))
+
+        def calibration_pass(desc):
+            with torch.no_grad():
+                for i in tqdm(range(0, n, cfg.optim.batch_size), desc=desc, leave=False,
+                              disable=None if accelerator.is_local_main_process else True):
+                    batch = images[i:i + cfg.optim.batch_size].to(accelerator.device)
+                    run.net(v2.functional.to_dtype(batch, torch.float32, scale=True))
+
+        with calibration_mode(run.net):
+            calibration_pass("calibrate")
+        if cfg.model.norm_correction:
+            from brevitas.graph.calibrate import BN_LAYERS, norm_correction_mode
+            norms = [m for m in run.net.modules() if isinstance(m, BN_LAYERS)]
+            # norm_correction_mode leaves momentum None (a cumulative average), which would
+            # make the fine-tuning's running statistics average over the whole run
+            momenta = [m.momentum for m in norms]
+            with norm_correction_mode(run.net):
+                calibration_pass("norm correction")
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
+            run.net.eval()
         if accelerator.num_processes > 1:  # the same images everywhere; make it bit-identical
             from accelerate.utils import broadcast
             with torch.no_grad():
@@ -604,7 +623,8 @@ def start_point(cfg, accelerator, data, run) -> dict:
     loss, acc = evaluate(run.model, data.eval_dl, run.criterion, accelerator, "start")
     logger.info(f"start ({'calibrated on ' + str(n) + ' images, ' if n else ''}before training): "
                 f"eval (noise-free) loss {loss:.4f} acc {acc:.2f}%")
-    return {"calibration_images": n, "eval_loss": loss, "eval_acc": acc}
+    return {"calibration_images": n, "norm_correction": bool(n and cfg.model.norm_correction),
+            "eval_loss": loss, "eval_acc": acc}
 
 
 # --- finish -----------------------------------------------------------------------------------

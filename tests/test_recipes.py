@@ -766,6 +766,66 @@ def test_calibration_sets_the_scales_and_the_start_accuracy_is_recorded(tiny_cif
     assert scale != pytest.approx(untrained[1].layer1[0].conv1.input_quant.scale().item())
 
 
+def test_norm_correction_re_estimates_batchnorm_on_the_quantised_network(tiny_cifar, tmp_path):
+    """--calibrate 2 --norm-correction from a float twin's weights: every BatchNorm holds
+    Brevitas' norm correction of the quantised network, recomputed here by hand (BatchNorms in
+    torch's train mode with a cumulative average over the first 32 training images, the rest of
+    the quantised network exact): mean = the new mean, var = sqrt(old var x new var); the
+    momentum is torch's 0.1 again, so fine-tuning keeps exponential running averages; and the
+    start accuracy is the corrected network's."""
+    from brevitas.graph.calibrate import BN_LAYERS
+    from brevitas_ana.recipes.checkpoint import init_from
+    from brevitas_ana.recipes.data import datasets, resident_tensors
+    from brevitas_ana.recipes.models import create_model
+    from brevitas_ana.recipes.train_cifar10 import (build, evaluate, load_data,
+                                                    make_accelerator, start_point)
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    twin = create_model("cnv", weight_bit_width=2, act_bit_width=2, quantiser="float")
+    twin.train()
+    with torch.no_grad():  # BatchNorm statistics of the float network, not torch's 0 / 1
+        for _ in range(3):
+            twin(torch.rand(16, 3, 32, 32))
+    torch.save(twin.state_dict(), tmp_path / "float.pt")
+    args = ["--config", CONFIGS / "cnv_w2a2_finetune.yaml", "--init-from", tmp_path / "float.pt",
+            "--data-dir", tiny_cifar, "--no-download", "--calibrate", "2", "--norm-correction",
+            "--output-dir", tmp_path / "run"] + QUICK
+    cfg = parse_args([str(a) for a in args])
+    accelerator, _ = make_accelerator(cfg, tmp_path / "run")
+    data = load_data(cfg, accelerator)
+    recipe = build(cfg, accelerator, data, plan={}, resuming=False)
+    start = start_point(cfg, accelerator, data, recipe)
+    assert start["calibration_images"] == 32 and start["norm_correction"] is True
+
+    model = create_model("cnv", weight_bit_width=2, act_bit_width=2, quantiser="ana")
+    init_from(model, tmp_path / "float.pt")
+    norms = {name: m for name, m in model.named_modules() if isinstance(m, BN_LAYERS)}
+    old = {name: (m.running_mean.clone(), m.running_var.clone()) for name, m in norms.items()}
+    model.eval()
+    for m in norms.values():
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    images = resident_tensors(datasets(tiny_cifar, False)[0])[0][:32].float() / 255
+    with torch.no_grad():
+        for x in images.split(16):
+            model(x)
+    corrected = recipe.net
+    corrected_norms = dict(corrected.named_modules())
+    assert len(norms) == 8
+    for name, m in norms.items():
+        got = corrected_norms[name]
+        assert got.momentum == 0.1
+        torch.testing.assert_close(got.running_mean, m.running_mean)
+        torch.testing.assert_close(got.running_var, torch.sqrt(old[name][1] * m.running_var))
+        assert not torch.allclose(got.running_mean, old[name][0], atol=1e-3)
+    # the start accuracy is the corrected network's (its own evaluation gives the same)
+    loss, acc = evaluate(recipe.model, data.eval_dl, recipe.criterion, accelerator, "again")
+    assert start["eval_acc"] == acc
+    with pytest.raises(ConfigError, match=r"^--norm-correction: needs model.calibrate > 0"):
+        parse_args(["--norm-correction"])
+
+
 def test_init_from_a_quantised_run_loads_its_trained_scales(tmp_path):
     """The learned activation scales a trained network holds (Brevitas leaves them out of a new
     network's state_dict until its first forward) are loaded, not ignored: the new network
