@@ -3,7 +3,8 @@
 Loads ``--init-from`` (a float run, e.g. ``--quantiser float``) into the quantised network of
 ``--config`` and prints the held-out top-1 of the exact quantised network before any training
 step, after each of: nothing, ``bias_correction_mode``, ``norm_correction_mode``, and norm then
-bias correction, each on the first ``--batches`` x batch-size training images (no augmentation)::
+bias correction, each on the first ``--batches`` x batch-size training images (no augmentation),
+every row after ``calibration_mode`` on the same images (as the recipe's ``--calibrate``)::
 
     python benchmarks/bench_calibration.py --config recipes/configs/cnv_w2a2_finetune.yaml \\
         --init-from runs/ft/cnv_w2a2_float10 --batches 20 --val-split 5000 \\
@@ -33,7 +34,8 @@ def main(argv=None):
                    help="training images held out for evaluation (default 5000)")
     p.add_argument("--data-dir", default="./data")
     args = p.parse_args(argv)
-    from brevitas.graph.calibrate import bias_correction_mode, norm_correction_mode
+    from brevitas.graph.calibrate import (bias_correction_mode, calibration_mode,
+                                          norm_correction_mode)
     from torchvision.transforms import v2
     from brevitas_ana.recipes.config import ConfigError, parse_args
     from brevitas_ana.recipes.data import resident_tensors
@@ -52,16 +54,20 @@ def main(argv=None):
 
     def calibration_pass(net):
         for i in range(0, len(images), size):
-            net(v2.functional.to_dtype(images[i:i + size], torch.float32, scale=True))
+            batch = images[i:i + size].to(accelerator.device)
+            net(v2.functional.to_dtype(batch, torch.float32, scale=True))
 
     print(f"{cfg.model.name} W{cfg.model.weight_bit_width}A{cfg.model.act_bit_width} "
           f"({cfg.model.quantiser}) from {args.init_from}; {len(images)} calibration images, "
           f"{len(data.eval_dl.dataset)} held-out images")
-    print("| after loading the float weights | held-out top-1 (%) |\n| --- | --- |")
+    print("| after loading the float weights and calibration_mode | held-out top-1 (%) |\n"
+          "| --- | --- |")
     for variant in VARIANTS:
         run = build(cfg, accelerator, data, {}, resuming=False)  # fresh weights each time
         run.net.eval()
         with torch.no_grad():
+            with calibration_mode(run.net):
+                calibration_pass(run.net)
             if "norm_correction" in variant:
                 with norm_correction_mode(run.net):
                     calibration_pass(run.net)

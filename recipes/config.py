@@ -53,8 +53,9 @@ class ModelSection:
             may be missing: estimated afresh); not a resume (--resume continues a run)
         calibrate: batches of training images run through Brevitas' calibration_mode before
             training, to set the activation scales from data; 0: none
-        norm_correction: then, on the same batches, Brevitas' norm_correction_mode re-estimates
-            every BatchNorm's statistics on the quantised network (needs calibrate > 0)
+        norm_correction: after calibration, Brevitas' norm_correction_mode re-estimates every
+            BatchNorm's statistics on the quantised network, on the same batches (needs
+            calibrate > 0 and init_from)
     """
     name: str = "cnv"
     weight_bit_width: PositiveInt = 2
@@ -267,9 +268,11 @@ def _translate(argv: List[str]) -> List[str]:
     return out
 
 
-def validate(cfg: RecipeConfig) -> RecipeConfig:
+def validate(cfg: RecipeConfig, whole: bool = True) -> RecipeConfig:
     """What the types cannot say: the model registry, finite numbers, anneal_end in (0, 1]
-    (the ANA options checked themselves as the section was built: brevitas_ana.AnaConfig)."""
+    (the ANA options checked themselves as the section was built: brevitas_ana.AnaConfig);
+    ``whole``: the keys that only make sense together, checked once every file and flag is in
+    (one config file may hold one of them and the command line the other)."""
     if cfg.model.name not in list_models():
         raise ConfigError(f"model.name: must be one of {list_models()}, got {cfg.model.name!r}")
     for key in ("ana.anneal_end", "optim.lr",
@@ -283,12 +286,20 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     if not 0.0 <= cfg.optim.label_smoothing < 1.0:
         raise ConfigError(f"optim.label_smoothing: must be in [0, 1), got "
                           f"{cfg.optim.label_smoothing!r}")
-    if cfg.model.norm_correction and not cfg.model.calibrate:
-        raise ConfigError("model.norm_correction: needs model.calibrate > 0 (the batches it "
-                          "re-estimates the BatchNorm statistics on)")
     if not 0.0 < cfg.ana.anneal_end <= 1.0:
         raise ConfigError(f"ana.anneal_end: must be in (0, 1] (a fraction of the run), got "
                           f"{cfg.ana.anneal_end!r}")
+    if whole and cfg.model.norm_correction:
+        # it corrects the statistics of loaded float BatchNorms for the quantised network
+        needs = [why for why, missing in (
+            ("calibrate > 0 (--calibrate N: the batches it re-estimates them on)",
+             not cfg.model.calibrate),
+            ("init_from (--init-from: the float network whose statistics it corrects)",
+             not cfg.model.init_from),
+            ("a quantised network (not --quantiser float)", cfg.model.quantiser == "float"))
+            if missing]
+        if needs:
+            raise ConfigError(f"model.norm_correction: needs {'; and '.join(needs)}")
     return cfg
 
 
@@ -385,7 +396,7 @@ def _check_file(path: str):
                           f"{list(_CLASSES)}" + (f" (put {', '.join(hints)})" if hints else ""))
     try:
         cfg = parser().parse_args(["--config", str(path)])
-        validate(_recipe(parser().instantiate(cfg)))
+        validate(_recipe(parser().instantiate(cfg)), whole=False)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     except Exception as e:  # jsonargparse's ArgumentError and type errors

@@ -768,9 +768,10 @@ def test_calibration_sets_the_scales_and_the_start_accuracy_is_recorded(tiny_cif
 
 def test_norm_correction_re_estimates_batchnorm_on_the_quantised_network(tiny_cifar, tmp_path):
     """--calibrate 2 --norm-correction from a float twin's weights: every BatchNorm holds
-    Brevitas' norm correction of the quantised network, recomputed here by hand (BatchNorms in
-    torch's train mode with a cumulative average over the first 32 training images, the rest of
-    the quantised network exact): mean = the new mean, var = sqrt(old var x new var); the
+    Brevitas' norm correction of the quantised network, recomputed here with torch alone
+    (BatchNorms in train mode with a cumulative average over the first 32 training images, the
+    rest of the quantised network exact; CNV's activation scales are constants, so
+    calibration_mode has nothing to set): mean = the new mean, var = sqrt(old var x new var); the
     momentum is torch's 0.1 again, so fine-tuning keeps exponential running averages; and the
     start accuracy is the corrected network's."""
     from brevitas.graph.calibrate import BN_LAYERS
@@ -822,8 +823,16 @@ def test_norm_correction_re_estimates_batchnorm_on_the_quantised_network(tiny_ci
     # the start accuracy is the corrected network's (its own evaluation gives the same)
     loss, acc = evaluate(recipe.model, data.eval_dl, recipe.criterion, accelerator, "again")
     assert start["eval_acc"] == acc
-    with pytest.raises(ConfigError, match=r"^--norm-correction: needs model.calibrate > 0"):
+    with pytest.raises(ConfigError, match=r"^--norm-correction: needs calibrate > 0 \(--cali"
+                                          r"brate N.*; and init_from \(--init-from"):
         parse_args(["--norm-correction"])
+    with pytest.raises(ConfigError, match=r"^--norm-correction: needs a quantised network"):
+        parse_args(args + ["--quantiser", "float"])
+    # a config file may hold the flag and the command line the calibration, or the other way
+    (tmp_path / "norm.yaml").write_text("model: {norm_correction: true}\n")
+    cfg = parse_args(["--config", str(tmp_path / "norm.yaml"), "--calibrate", "3",
+                      "--init-from", "x"])
+    assert (cfg.model.norm_correction, cfg.model.calibrate) == (True, 3)
 
 
 def test_init_from_a_quantised_run_loads_its_trained_scales(tmp_path):
