@@ -36,10 +36,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     from brevitas.graph.calibrate import (bias_correction_mode, calibration_mode,
                                           norm_correction_mode)
-    from torchvision.transforms import v2
     from brevitas_ana.recipes.config import ConfigError, parse_args
     from brevitas_ana.recipes.data import resident_tensors
-    from brevitas_ana.recipes.train_cifar10 import build, evaluate, load_data, make_accelerator
+    from brevitas_ana.recipes.train_cifar10 import (build, calibration_pass_over, evaluate,
+                                                    load_data, make_accelerator)
     unused = Path(tempfile.mkdtemp(prefix="bench_calibration_"))  # the recipe's run folder
     try:
         cfg = parse_args(["--config", args.config, "--init-from", args.init_from,
@@ -53,9 +53,7 @@ def main(argv=None):
     images = resident_tensors(data.train_set)[0][:args.batches * size]
 
     def calibration_pass(net):
-        for i in range(0, len(images), size):
-            batch = images[i:i + size].to(accelerator.device)
-            net(v2.functional.to_dtype(batch, torch.float32, scale=True))
+        calibration_pass_over(net, images, size, accelerator, "calibration images")
 
     print(f"{cfg.model.name} W{cfg.model.weight_bit_width}A{cfg.model.act_bit_width} "
           f"({cfg.model.quantiser}) from {args.init_from}; {len(images)} calibration images, "

@@ -573,6 +573,17 @@ def train_epoch(cfg, accelerator, data, run: Run, hooks) -> dict:
             **annealing.columns(accelerator.reduce)}
 
 
+def calibration_pass_over(net, images, batch_size: int, accelerator, desc: str):
+    """One no-grad pass of ``net`` over uint8 ``images`` (scaled to [0, 1] as torchvision
+    does), batch by batch on the accelerator's device: what the calibration tools observe."""
+    from torchvision.transforms import v2
+    with torch.no_grad():
+        for i in tqdm(range(0, len(images), batch_size), desc=desc, leave=False,
+                      disable=None if accelerator.is_local_main_process else True):
+            batch = images[i:i + batch_size].to(accelerator.device)
+            net(v2.functional.to_dtype(batch, torch.float32, scale=True))
+
+
 def start_point(cfg, accelerator, data, run) -> dict:
     """Where a run that starts from weights or calibrates begins: the activation scales set from
     the first ``calibrate x batch_size`` training images (no augmentation, the same on every
@@ -585,7 +596,6 @@ def start_point(cfg, accelerator, data, run) -> dict:
     if n:
         from brevitas.core.scaling.standalone import ParameterFromRuntimeStatsScaling
         from brevitas.graph.calibrate import calibration_mode
-        from torchvision.transforms import v2
         scales = sum(isinstance(m, ParameterFromRuntimeStatsScaling) for m in run.net.modules())
         if not scales:
             logger.info("--calibrate: no activation scale of this network is estimated from "
@@ -596,11 +606,7 @@ def start_point(cfg, accelerator, data, run) -> dict:
         run.net.eval()
 
         def calibration_pass(desc):
-            with torch.no_grad():
-                for i in tqdm(range(0, n, cfg.optim.batch_size), desc=desc, leave=False,
-                              disable=None if accelerator.is_local_main_process else True):
-                    batch = images[i:i + cfg.optim.batch_size].to(accelerator.device)
-                    run.net(v2.functional.to_dtype(batch, torch.float32, scale=True))
+            calibration_pass_over(run.net, images, cfg.optim.batch_size, accelerator, desc)
 
         with calibration_mode(run.net):
             calibration_pass("calibrate")
