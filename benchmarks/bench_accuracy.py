@@ -152,6 +152,10 @@ def _identity(config: dict) -> dict:
     # when they are set: runs finished before them stay valid
     unset = {"groups": (None,), "schedules": (None,), "init_from": (None,),
              "calibrate": (None, 0), "norm_correction": (None, False)}
+    if not config.get("val_split"):
+        ignored += ("split_seed",)  # nothing held out
+    elif config.get("split_seed") is None:  # a run from before the key: run.seed split it
+        config["split_seed"] = config.get("seed", 0)
     return {k: v for k, v in config.items() if k not in ignored
             and not (k in unset and v in unset[k])}
 

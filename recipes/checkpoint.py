@@ -294,6 +294,38 @@ def _full_state_dict():
         brevitas.config._FULL_STATE_DICT = saved
 
 
+def check_held_out(source, val_split: int, split_seed: int, flag: str = "--init-from"):
+    """Refuse to start from a run that trained on the images this run holds out: with
+    ``val_split`` > 0 the source run (when it is one of this recipe's runs: its config.json)
+    must have held out the same images, i.e. the same ``val_split`` and split seed (runs from
+    before ``data.split_seed`` drew the split from ``run.seed``); otherwise every validation
+    figure would be measured on images the starting weights were trained on.
+    ``CheckpointError`` naming both settings."""
+    if not val_split:
+        return
+    _, config = locate(source, flag)
+    if config is None:  # a weights file from elsewhere: nothing says what it was trained on
+        return
+    try:
+        src = json.loads(config.read_text())
+        theirs = (src["data"].get("val_split", 0),
+                  src["data"].get("split_seed", src["run"].get("seed", 0)))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return  # not a recipe run's config
+    if theirs[0] == 0:
+        raise CheckpointError(
+            f"{flag}: {config.parent} trained on every training image (its data.val_split is "
+            f"0), including the {val_split} this run holds out for validation: its validation "
+            f"figures would be inflated. Use data.val_split 0 (evaluate on the test set) or "
+            f"start from a run that held out the same images")
+    if theirs != (val_split, split_seed):
+        raise CheckpointError(
+            f"{flag}: {config.parent} held out other images (data.val_split {theirs[0]}, split "
+            f"seed {theirs[1]}) than this run (data.val_split {val_split}, data.split_seed "
+            f"{split_seed}): it trained on part of this run's validation set. Use the same "
+            f"data.val_split and data.split_seed")
+
+
 def init_from(model: torch.nn.Module, source, flag: str = "--init-from") -> dict:
     """Load into ``model`` the tensors of ``source`` (a run directory, a checkpoint folder, a
     weights file, or a timm checkpoint ``.pth`` / ``.safetensors``), matched by name; a

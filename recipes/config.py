@@ -147,6 +147,9 @@ class DataSection:
         data_dir: folder holding (or to receive) cifar-10-batches-py
         download: download CIFAR-10 when it is missing
         val_split: training images held out for evaluation each epoch (0: the test set)
+        split_seed: seed of the permutation that picks the held-out images; apart from
+            run.seed, so that runs of every seed, and a fine-tuning and the run it starts from,
+            hold out the same images
         subset: train on the first N training images
         loader: resident (images on the training device, batched crop and flip) or workers
             (a torch DataLoader with per-image transforms)
@@ -155,6 +158,7 @@ class DataSection:
     data_dir: str = "./data"
     download: bool = True
     val_split: NonNegativeInt = 0
+    split_seed: NonNegativeInt = 0
     subset: Optional[PositiveInt] = None
     loader: Literal["resident", "workers"] = "resident"
     num_workers: NonNegativeInt = 2

@@ -41,8 +41,9 @@ from brevitas_ana.export.validate import table
 from brevitas_ana.recipes.data import (ResidentLoader, datasets, resident_tensors,
                                        seed_augmentation)
 from brevitas_ana.recipes.checkpoint import (COMPLETE, CheckpointError, RuntimeStatsState,
-                                             checkpoints, describe_init, init_from, load_problem,
-                                             verify_checkpoint, write_spec, write_text)
+                                             check_held_out, checkpoints, describe_init,
+                                             init_from, load_problem, verify_checkpoint,
+                                             write_spec, write_text)
 from brevitas_ana.recipes.models import create_model, model_spec
 from brevitas_ana.recipes.plot import plot_metrics
 from brevitas_ana.recipes.tracking import CSVTracker
@@ -389,7 +390,7 @@ def load_data(cfg, accelerator) -> SimpleNamespace:
         try:
             train_set, eval_set, test_set = datasets(cfg.data.data_dir, cfg.data.download,
                                                      cfg.data.val_split, cfg.data.subset,
-                                                     cfg.run.seed)
+                                                     cfg.data.split_seed)
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
     # workers start afresh each epoch: they copy the dataset with that epoch's augmentation seed
@@ -432,6 +433,7 @@ def build(cfg, accelerator, data, plan: dict, resuming: bool) -> Run:
     init = plan.get("init_from")  # a resume: what the run started from, as it was recorded
     if cfg.model.init_from and not resuming:  # before the optimiser: Brevitas rebuilds
         try:                                   # quantisers on a load
+            check_held_out(cfg.model.init_from, cfg.data.val_split, cfg.data.split_seed)
             init = init_from(model, cfg.model.init_from)
         except CheckpointError as e:
             sys.exit(f"error: {e}")

@@ -114,3 +114,26 @@ def test_a_grid_run_killed_mid_epoch_resumes_exactly(tiny_cifar, tmp_path):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert json.loads((a.parent / "results.json").read_text())["test_acc"] == \
         json.loads((b.parent / "results.json").read_text())["test_acc"]
+
+
+def test_a_run_from_before_split_seed_counts_only_where_it_held_out_the_same_images():
+    """Runs finished before ``data.split_seed`` drew their held-out images from ``run.seed``: a
+    seed-0 run (or one without a split) held out what split seed 0 holds out and stays valid; a
+    seed-1 run with a split validated on other images and is redone."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_accuracy
+    from brevitas_ana.recipes.config import parse_args, to_dict
+
+    def configs(*argv):
+        new = to_dict(parse_args(list(argv)))
+        old = json.loads(json.dumps(new))
+        del old["data"]["split_seed"]
+        return old, new
+
+    for argv, valid in [(["--seed", "0", "--val-split", "20"], True),
+                        (["--seed", "1", "--val-split", "0"], True),
+                        (["--seed", "1", "--val-split", "20"], False)]:
+        old, new = configs(*argv)
+        assert bench_accuracy.same_config(old, new) is valid, argv
+    old, new = configs("--seed", "1", "--val-split", "20", "--split-seed", "1")
+    assert bench_accuracy.same_config(old, new)  # split seed 1 is what run.seed 1 gave

@@ -685,6 +685,55 @@ def test_float_run_exports_float_onnx_and_its_weights_start_a_quantised_run(tiny
                                  "--output-dir", tmp_path / "vgg"])
     assert error == f"error: --init-from: {tmp_path / 'nowhere'} does not exist"
     assert not (tmp_path / "vgg").exists()
+    # the float run trained on every image: fine-tuning it with a held-out split would measure
+    # validation on images the weights were trained on
+    error = main_error(common + ["--init-from", float_dir, "--val-split", "20",
+                                 "--output-dir", tmp_path / "leak"])
+    assert error.startswith(f"error: --init-from: {float_dir} trained on every training image")
+    assert "the 20 this run holds out" in error and not (tmp_path / "leak").exists()
+
+
+def test_held_out_images_are_the_same_for_every_seed_and_init_from_must_share_them(
+        tiny_cifar, tmp_path):
+    from brevitas_ana.recipes.checkpoint import CheckpointError, check_held_out
+    from brevitas_ana.recipes.data import datasets
+    from brevitas_ana.recipes.train_cifar10 import load_data, make_accelerator
+
+    def held_out(*extra):
+        cfg = parse_args([str(a) for a in ["--data-dir", tiny_cifar, "--val-split", "20",
+                                           "--output-dir", tmp_path / "x"] + QUICK + list(extra)])
+        return cfg, load_data(cfg, make_accelerator(cfg, tmp_path / "x")[0]).eval_dl.dataset.indices
+
+    _, seed0 = held_out("--seed", "0")
+    _, seed1 = held_out("--seed", "1")
+    _, other = held_out("--seed", "1", "--split-seed", "1")
+    # the run seed no longer moves the split (it did: a second seed validated on other images)
+    assert seed1 == seed0 and sorted(other) != sorted(seed0)
+    n = len(datasets(tiny_cifar, False)[0])
+    assert seed0 == torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()[:20]
+
+    def source(name, data, seed):  # a recipe run folder: its config.json and weights
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"data": data, "run": {"seed": seed}}))
+        torch.save({}, folder / "model.pt")
+        return folder
+
+    same = source("same", {"val_split": 20, "split_seed": 0}, 3)
+    check_held_out(same, 20, 0)  # the same images held out: no error, whatever the run seed
+    check_held_out(same, 0, 0)   # evaluated on the test set: nothing to leak
+    old = source("old", {"val_split": 20}, 1)  # before split_seed: the split came from run.seed
+    with pytest.raises(CheckpointError, match=rf"^--init-from: {re.escape(str(old))} held out "
+                                              r"other images \(data.val_split 20, split seed 1\)"
+                                              r" than this run \(data.val_split 20, data.split_"
+                                              r"seed 0\)"):
+        check_held_out(old, 20, 0)
+    check_held_out(old, 20, 1)
+    with pytest.raises(CheckpointError, match=r"held out other images \(data.val_split 20, "):
+        check_held_out(same, 10, 0)
+    weights = tmp_path / "elsewhere.pt"  # a file from elsewhere: nothing to check against
+    torch.save({}, weights)
+    check_held_out(weights, 20, 0)
 
 
 def test_init_from_a_timm_checkpoint_fills_the_quantised_resnet(tmp_path):
