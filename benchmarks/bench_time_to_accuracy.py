@@ -95,8 +95,10 @@ def run_entry(entry: str, bits: str, args, threads: int) -> dict:
 
 
 def settings(args, bits: str) -> dict:
+    # split_seed: the recipe's held-out images follow data.split_seed (default 0), not --seed;
+    # curves saved before it drew them from the seed
     return {"bits": bits, "minutes": args.minutes, "seed": args.seed,
-            "val_split": args.val_split, "jobs": args.jobs}
+            "val_split": args.val_split, "split_seed": 0, "jobs": args.jobs}
 
 
 def recipe_curve(metrics: Path, start: float):

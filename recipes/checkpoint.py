@@ -167,6 +167,8 @@ def locate(checkpoint, flag: str = "--checkpoint") -> Tuple[Path, Optional[Path]
         raise CheckpointError(f"{flag}: {path} does not exist")
     if path.is_file():
         cfg = path.parent / "config.json"
+        if not cfg.is_file() and path.parent.parent.name == "checkpoints":  # a checkpoint's file
+            cfg = path.parents[2] / "config.json"
         return path, cfg if cfg.is_file() else None
     run_cfg = path / "config.json" if (path / "config.json").is_file() else None
     if (path / "model.pt").is_file():  # a finished run
@@ -294,35 +296,43 @@ def _full_state_dict():
         brevitas.config._FULL_STATE_DICT = saved
 
 
+def held_out_of(config: Path) -> Optional[Tuple[int, int]]:
+    """(val_split, split seed) of a recipe run from its config.json, (0, 0) when it held out
+    nothing; runs from before ``data.split_seed`` drew the split from ``run.seed``. None when
+    the file is not a recipe run's config."""
+    try:
+        src = json.loads(Path(config).read_text())
+        val_split = int(src["data"].get("val_split") or 0)
+        seed = src["data"].get("split_seed", src["run"].get("seed", 0))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return (val_split, int(seed)) if val_split else (0, 0)
+
+
 def check_held_out(source, val_split: int, split_seed: int, flag: str = "--init-from"):
-    """Refuse to start from a run that trained on the images this run holds out: with
+    """Refuse to start from a run that trained on images this run validates on: with
     ``val_split`` > 0 the source run (when it is one of this recipe's runs: its config.json)
-    must have held out the same images, i.e. the same ``val_split`` and split seed (runs from
-    before ``data.split_seed`` drew the split from ``run.seed``); otherwise every validation
-    figure would be measured on images the starting weights were trained on.
-    ``CheckpointError`` naming both settings."""
+    must have drawn its held-out images with the same split seed and held out at least as many
+    (the held-out images are the first ``val_split`` of one permutation); otherwise validation
+    would be measured on images the starting weights were trained on. ``CheckpointError``
+    naming both settings."""
     if not val_split:
         return
     _, config = locate(source, flag)
-    if config is None:  # a weights file from elsewhere: nothing says what it was trained on
+    theirs = held_out_of(config) if config is not None else None
+    if theirs is None:  # a weights file from elsewhere: nothing says what it was trained on
         return
-    try:
-        src = json.loads(config.read_text())
-        theirs = (src["data"].get("val_split", 0),
-                  src["data"].get("split_seed", src["run"].get("seed", 0)))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return  # not a recipe run's config
     if theirs[0] == 0:
         raise CheckpointError(
             f"{flag}: {config.parent} trained on every training image (its data.val_split is "
             f"0), including the {val_split} this run holds out for validation: its validation "
             f"figures would be inflated. Use data.val_split 0 (evaluate on the test set) or "
             f"start from a run that held out the same images")
-    if theirs != (val_split, split_seed):
+    if theirs[1] != split_seed or theirs[0] < val_split:
         raise CheckpointError(
             f"{flag}: {config.parent} held out other images (data.val_split {theirs[0]}, split "
             f"seed {theirs[1]}) than this run (data.val_split {val_split}, data.split_seed "
-            f"{split_seed}): it trained on part of this run's validation set. Use the same "
+            f"{split_seed}): it trained on part of this run's validation set. Use its "
             f"data.val_split and data.split_seed")
 
 

@@ -42,8 +42,8 @@ from brevitas_ana.recipes.data import (ResidentLoader, datasets, resident_tensor
                                        seed_augmentation)
 from brevitas_ana.recipes.checkpoint import (COMPLETE, CheckpointError, RuntimeStatsState,
                                              check_held_out, checkpoints, describe_init,
-                                             init_from, load_problem, verify_checkpoint,
-                                             write_spec, write_text)
+                                             held_out_of, init_from, load_problem,
+                                             verify_checkpoint, write_spec, write_text)
 from brevitas_ana.recipes.models import create_model, model_spec
 from brevitas_ana.recipes.plot import plot_metrics
 from brevitas_ana.recipes.tracking import CSVTracker
@@ -358,6 +358,17 @@ def check_run(cfg):
         verify_checkpoint(ckpt)  # every file, the way the resume will load it
     except (FileNotFoundError, CheckpointError) as e:
         sys.exit(f"error: --resume: {e}")
+    # a resume validating on other images than the run did would mix two validation sets,
+    # one of them partly trained on
+    theirs = held_out_of(run_dir / "config.json")
+    mine = (cfg.data.val_split, cfg.data.split_seed) if cfg.data.val_split else (0, 0)
+    if theirs is not None and theirs != mine:
+        def held(v):
+            return f"data.val_split {v[0]}, split seed {v[1]}" if v[0] else "data.val_split 0"
+        sys.exit(f"error: --resume: {run_dir} was trained with {held(theirs)}, this command "
+                 f"asks for {held(mine)}: its validation figures would mix two sets of images. "
+                 f"Resume with --val-split {theirs[0]}"
+                 + (f" --split-seed {theirs[1]}" if theirs[0] else ""))
     return run_dir, existing, ckpt, read_plan(ckpt)
 
 

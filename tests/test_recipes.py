@@ -454,6 +454,12 @@ def test_resume_errors(tiny_cifar, tmp_path):
     assert after["train_time_s"] == before["train_time_s"] > 0
     assert after["train_images_per_s"] == before["train_images_per_s"] > 0
     assert after["test_images"] == 40 and after["steps"] == before["steps"]
+    # a resume validating on other images than the run did: refused, naming the run's split
+    error = main_error(["--data-dir", tiny_cifar, "--output-dir", out, "--resume", "latest",
+                        "--val-split", "20", "--split-seed", "1"] + QUICK)
+    assert error == (f"error: --resume: {out} was trained with data.val_split 0, this command "
+                     f"asks for data.val_split 20, split seed 1: its validation figures would "
+                     f"mix two sets of images. Resume with --val-split 0")
     proc = run(["--config", ROOT / "recipes/configs/vgg8_ternary.yaml", "--data-dir", tiny_cifar,
                 "--output-dir", tmp_path / "other", "--resume", out, "--epochs", "2"] + QUICK,
                check=False)
@@ -695,7 +701,7 @@ def test_float_run_exports_float_onnx_and_its_weights_start_a_quantised_run(tiny
 
 def test_held_out_images_are_the_same_for_every_seed_and_init_from_must_share_them(
         tiny_cifar, tmp_path):
-    from brevitas_ana.recipes.checkpoint import CheckpointError, check_held_out
+    from brevitas_ana.recipes.checkpoint import CheckpointError, check_held_out, held_out_of
     from brevitas_ana.recipes.data import datasets
     from brevitas_ana.recipes.train_cifar10 import load_data, make_accelerator
 
@@ -729,11 +735,21 @@ def test_held_out_images_are_the_same_for_every_seed_and_init_from_must_share_th
                                               r"seed 0\)"):
         check_held_out(old, 20, 0)
     check_held_out(old, 20, 1)
+    # fewer held out with the same seed: a part of what the source held out, no leak
+    check_held_out(same, 10, 0)
     with pytest.raises(CheckpointError, match=r"held out other images \(data.val_split 20, "):
-        check_held_out(same, 10, 0)
+        check_held_out(same, 30, 0)
+    # a checkpoint's weights file, two folders under the run's config.json
+    inner = same / "checkpoints" / "checkpoint_0"
+    inner.mkdir(parents=True)
+    torch.save({}, inner / "model.pt")
+    with pytest.raises(CheckpointError, match=r"split seed 0\) than this run \(data.val_split "
+                                              r"20, data.split_seed 1\)"):
+        check_held_out(inner / "model.pt", 20, 1)
     weights = tmp_path / "elsewhere.pt"  # a file from elsewhere: nothing to check against
     torch.save({}, weights)
     check_held_out(weights, 20, 0)
+    assert held_out_of(same / "config.json") == (20, 0) and held_out_of(weights) is None
 
 
 def test_init_from_a_timm_checkpoint_fills_the_quantised_resnet(tmp_path):
