@@ -144,18 +144,18 @@ def run_key(config: dict) -> str:
 
 
 def _identity(config: dict) -> dict:
-    from brevitas_ana.recipes.config import flat
+    from brevitas_ana.recipes.config import flat, held_out
+    # the held-out images, not how they were asked for: a run from before data.split_seed
+    # drew them with run.seed; with none held out the split seed means nothing
+    split = held_out(config)
     config = flat(config)
+    config["val_split"], config["split_seed"] = split
     ignored = ("resume", "overwrite") + (ANA_KEYS if config.get("quantiser") in ("ste", "float")
                                          else ())
     # keys added since (controller groups and schedules, the start from weights) count only
     # when they are set: runs finished before them stay valid
     unset = {"groups": (None,), "schedules": (None,), "init_from": (None,),
              "calibrate": (None, 0), "norm_correction": (None, False)}
-    if not config.get("val_split"):
-        ignored += ("split_seed",)  # nothing held out
-    elif config.get("split_seed") is None:  # a run from before the key: run.seed split it
-        config["split_seed"] = config.get("seed", 0)
     return {k: v for k, v in config.items() if k not in ignored
             and not (k in unset and v in unset[k])}
 

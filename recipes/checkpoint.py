@@ -18,6 +18,7 @@ import brevitas.config
 import torch
 
 from brevitas_ana.export.export_qnn import atomic_write
+from brevitas_ana.recipes.config import held_out
 from brevitas_ana.recipes.models import create_model, describe, model_spec
 
 SPEC_FILE = "model_spec.json"
@@ -297,16 +298,11 @@ def _full_state_dict():
 
 
 def held_out_of(config: Path) -> Optional[Tuple[int, int]]:
-    """(val_split, split seed) of a recipe run from its config.json, (0, 0) when it held out
-    nothing; runs from before ``data.split_seed`` drew the split from ``run.seed``. None when
-    the file is not a recipe run's config."""
+    """``held_out`` of a recipe run's config.json; None when the file is not one."""
     try:
-        src = json.loads(Path(config).read_text())
-        val_split = int(src["data"].get("val_split") or 0)
-        seed = src["data"].get("split_seed", src["run"].get("seed", 0))
+        return held_out(json.loads(Path(config).read_text()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return (val_split, int(seed)) if val_split else (0, 0)
 
 
 def check_held_out(source, val_split: int, split_seed: int, flag: str = "--init-from"):

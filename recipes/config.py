@@ -21,7 +21,7 @@ import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Literal, Optional
+from typing import Dict, List, Literal, Optional, Tuple
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
@@ -443,6 +443,18 @@ def parse_args(argv=None) -> RecipeConfig:
 
 def to_dict(cfg: RecipeConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def held_out(config) -> Tuple[int, int]:
+    """(val_split, split seed): which training images a run holds out for validation, from a
+    RecipeConfig or its dict (a run's config.json); (0, 0) when it holds out none. A run from
+    before ``data.split_seed`` drew them with ``run.seed``."""
+    c = to_dict(config) if isinstance(config, RecipeConfig) else config
+    val_split = c["data"].get("val_split") or 0
+    if not val_split:
+        return 0, 0
+    split_seed = c["data"].get("split_seed")
+    return val_split, c["run"].get("seed", 0) if split_seed is None else split_seed
 
 
 def flat(config) -> dict:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import brevitas_ana
-from brevitas_ana.recipes.config import ConfigError, flat, parse_args, to_dict
+from brevitas_ana.recipes.config import ConfigError, flat, held_out, parse_args, to_dict
 from brevitas_ana.export import ExportError, export_float, export_qnn
 from brevitas_ana.export.export_qnn import atomic_write, check_writable
 from brevitas_ana.export.validate import table
@@ -361,7 +361,7 @@ def check_run(cfg):
     # a resume validating on other images than the run did would mix two validation sets,
     # one of them partly trained on
     theirs = held_out_of(run_dir / "config.json")
-    mine = (cfg.data.val_split, cfg.data.split_seed) if cfg.data.val_split else (0, 0)
+    mine = held_out(cfg)
     if theirs is not None and theirs != mine:
         def held(v):
             return f"data.val_split {v[0]}, split seed {v[1]}" if v[0] else "data.val_split 0"
