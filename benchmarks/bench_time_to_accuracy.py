@@ -20,10 +20,10 @@ on ``--val-split`` training images held out (their choice of settings never sees
 bnn_pynq's trainer has no split and evaluates on the test set. A run whose folder already holds
 its finished curve is not run again.
 
-Writes into ``--out``: one folder per entry, ``curves.csv`` (entry, epoch, minutes since the
-process started, images seen, accuracy), ``results.md`` (best accuracy reached by each quarter of
-the budget, per entry) and ``time_to_accuracy.png`` (accuracy against minutes and against
-images).
+Writes into ``--out``: one folder per entry and its console output ``<entry>.log``,
+``curves.csv`` (entry, epoch, minutes since the process started, images seen, accuracy),
+``results.md`` (best accuracy reached by each quarter of the budget, per entry) and
+``time_to_accuracy.png`` (accuracy against minutes and against images).
 """
 from __future__ import annotations
 
@@ -77,7 +77,8 @@ def run_entry(entry: str, bits: str, args, threads: int) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     start = time.time()
-    with open(folder / "stdout.log", "w") as log:
+    # beside the folder, not in it: the recipe's --overwrite empties its folder
+    with open(Path(args.out) / f"{entry}.log", "w") as log:
         proc = subprocess.Popen(command(entry, bits, args, folder), stdout=log,
                                 stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                 start_new_session=True)

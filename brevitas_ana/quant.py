@@ -69,8 +69,8 @@ class AnaQuantMixin:
     ``noise`` the family, ``strategy`` the forward strategy, ``annealed_grad`` the gradient at
     ``sigma == 0`` (see :func:`brevitas_ana.functional.ana_round`). ``backward`` is the backward
     policy: ``"exact"`` propagates the derivative of the forward's expectation, ``"floor"`` the
-    derivative at ``max(sigma, sigma_grad_min)`` (``sigma_grad_min`` defaults to the family's
-    ``default_sigma``). Every rank of a distributed run computes the same values from the same
+    derivative at ``max(sigma, sigma_grad_min)`` (``sigma_grad_min`` defaults to 0.5774, ``None``
+    takes the family's ``default_sigma``). Every rank of a distributed run computes the same values from the same
     schedule, so nothing needs broadcasting.
     """
 

@@ -53,6 +53,8 @@ def test_recipe_entries_curves_are_their_metrics(tiny_cifar, tmp_path, monkeypat
         assert [int(r["images_seen"]) for r in mine] == [int(m["images_seen"]) for m in metrics]
         minutes = [float(r["minutes"]) for r in mine]
         assert minutes == sorted(minutes) and 0 < minutes[0]
+        # the run's console output survives its --overwrite of the entry's folder
+        assert "epoch 1/" in (out / f"{entry}.log").read_text()
     # the 20-epoch and the 500-epoch recipe on 100 images: both stopped at 45 s
     long_ana = json.loads((out / "long_ana" / "curve.json").read_text())
     assert long_ana["points"][-1][0] < 500 and long_ana["seconds"] < 0.75 * 60 + 30
