@@ -70,8 +70,8 @@ class AnaQuantMixin:
     ``sigma == 0`` (see :func:`brevitas_ana.functional.ana_round`). ``backward`` is the backward
     policy: ``"exact"`` propagates the derivative of the forward's expectation, ``"floor"`` the
     derivative at ``max(sigma, sigma_grad_min)`` (``sigma_grad_min`` defaults to 0.5774, ``None``
-    takes the family's ``default_sigma``). Every rank of a distributed run computes the same values from the same
-    schedule, so nothing needs broadcasting.
+    takes the family's ``default_sigma``). Every rank of a distributed run computes the same
+    values from the same schedule, so nothing needs broadcasting.
     """
 
     def _init_ana(self, config: AnaConfig, sigma: float = 0.0, float_mode: bool = False):
