@@ -34,13 +34,19 @@ def main(argv=None):
                    help="training images held out for evaluation (default 5000)")
     p.add_argument("--data-dir", default="./data")
     args = p.parse_args(argv)
+    # the recipe wants a run folder; nothing is written to it that outlives the benchmark
+    with tempfile.TemporaryDirectory(prefix="bench_calibration_") as unused:
+        measure(args, Path(unused))
+
+
+def measure(args, unused: Path):
+    """Held-out top-1 after each calibration variant, each from freshly loaded float weights."""
     from brevitas.graph.calibrate import (bias_correction_mode, calibration_mode,
                                           norm_correction_mode)
     from brevitas_ana.recipes.config import ConfigError, parse_args
     from brevitas_ana.recipes.data import resident_tensors
     from brevitas_ana.recipes.train_cifar10 import (build, calibration_pass_over, evaluate,
                                                     load_data, make_accelerator)
-    unused = Path(tempfile.mkdtemp(prefix="bench_calibration_"))  # the recipe's run folder
     try:
         cfg = parse_args(["--config", args.config, "--init-from", args.init_from,
                           "--val-split", str(args.val_split), "--data-dir", args.data_dir,

@@ -1,6 +1,7 @@
 """benchmarks/bench_calibration.py: Brevitas' calibration tools side by side, from a float twin."""
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -12,10 +13,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_calibration  # noqa: E402
 
 
-def test_the_norm_correction_row_is_the_recipes_start_accuracy(tiny_cifar, tmp_path, capsys):
+def test_the_norm_correction_row_is_the_recipes_start_accuracy(tiny_cifar, tmp_path, capsys,
+                                                               monkeypatch):
     """Four rows, one per tool; the norm-correction row is what the recipe's own
-    ``--calibrate 2 --norm-correction`` start point measures on the same images; and the tools
-    change the start (the rows are not all the untouched network's)."""
+    ``--calibrate 2 --norm-correction`` start point measures on the same images; the tools
+    change the start (the rows are not all the untouched network's); and the run folder the
+    recipe wants is gone afterwards (it was left in /tmp, one per run)."""
     from brevitas_ana.recipes.config import parse_args
     from brevitas_ana.recipes.models import create_model
     from brevitas_ana.recipes.train_cifar10 import build, load_data, make_accelerator, start_point
@@ -31,10 +34,14 @@ def test_the_norm_correction_row_is_the_recipes_start_accuracy(tiny_cifar, tmp_p
     shipped = yaml.safe_load((ROOT / "recipes/configs/cnv_w2a2_finetune.yaml").read_text())
     shipped["optim"]["batch_size"] = 16
     config.write_text(yaml.safe_dump(shipped))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     bench_calibration.main(["--config", str(config), "--init-from", str(tmp_path / "float.pt"),
                             "--batches", "2", "--val-split", "40", "--data-dir", str(tiny_cifar)])
     rows = dict(re.findall(r"^\| ([a-z_ +]+) \| ([\d.]+) \|$", capsys.readouterr().out, re.M))
     assert list(rows) == list(bench_calibration.VARIANTS)
+    assert list(scratch.iterdir()) == []
     cfg = parse_args(["--config", str(config), "--init-from", str(tmp_path / "float.pt"),
                       "--val-split", "40", "--data-dir", str(tiny_cifar), "--no-download",
                       "--calibrate", "2", "--norm-correction", "--output-dir", str(tmp_path / "r")])
