@@ -18,7 +18,8 @@ Entries (``--entries`` picks some):
 it with the figures: runs that share the machine slow each other down). The recipe runs evaluate
 on ``--val-split`` training images held out (their choice of settings never sees the test set);
 bnn_pynq's trainer has no split and evaluates on the test set. A run whose folder already holds
-its finished curve is not run again.
+its finished curve is not run again; Ctrl-C or a SIGTERM stops the running entries (they run in
+process sessions of their own) and keeps only finished ones.
 
 Writes into ``--out``: one folder per entry and its console output ``<entry>.log``,
 ``curves.csv`` (entry, epoch, minutes since the process started, images seen, accuracy),
@@ -37,6 +38,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,6 +47,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train_cifar10.py"
 CONFIGS = ROOT / "recipes" / "configs"
 ENTRIES = ("fast_ste", "fast_ana", "long_ana", "bnn_pynq")
+#: Entries' processes still running, and set once the benchmark is interrupted: the entries
+#: run in sessions of their own, which neither Ctrl-C nor a SIGTERM to the benchmark reaches.
+RUNNING: set = set()
+STOPPING = threading.Event()
 BNN_TRAIN_IMAGES = 50_000  # bnn_pynq trains on the whole training set every epoch
 # bnn_pynq's logger: "2026-12-05 02:40:06,816 Test: [99/100]\t... Prec@1 80.000 (84.220)\t..."
 BNN_EVAL = re.compile(r"^(\S+ \S+) Test: \[(\d+)/(\d+)\].*?Prec@1 [\d.]+ \(([\d.]+)\)")
@@ -79,20 +85,41 @@ def run_entry(entry: str, bits: str, args, threads: int) -> dict:
     start = time.time()
     # beside the folder, not in it: the recipe's --overwrite empties its folder
     with open(Path(args.out) / f"{entry}.log", "w") as log:
+        # a session of its own: the budget's SIGTERM reaches bnn_pynq's loader workers too
         proc = subprocess.Popen(command(entry, bits, args, folder), stdout=log,
                                 stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                 start_new_session=True)
+        RUNNING.add(proc)
         try:
             proc.wait(timeout=args.minutes * 60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait()
+        finally:
+            RUNNING.discard(proc)
+    if STOPPING.is_set():  # interrupted, not at its budget: nothing to keep as finished
+        return {}
     points = (bnn_curve(folder, start) if entry == "bnn_pynq" else
               recipe_curve(folder / "metrics.csv", start))
     result = {"entry": entry, "settings": settings(args, bits), "points": points,
               "threads": threads, "seconds": time.time() - start}
     done.write_text(json.dumps(result, indent=1))
     return result
+
+
+def interrupted(signum, frame):
+    raise KeyboardInterrupt  # a SIGTERM stops the entries as Ctrl-C does
+
+
+def stop_all():
+    """SIGTERM every running entry's process group (the recipe saves nothing half-done: a
+    finished entry's curve is kept, an interrupted one is run again next time)."""
+    STOPPING.set()
+    for proc in list(RUNNING):
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
 
 def settings(args, bits: str) -> dict:
@@ -196,8 +223,20 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     print(f"{len(args.entries)} entries x {args.minutes} min, {args.jobs} at once -> {out}")
-    with ThreadPoolExecutor(args.jobs) as pool:
+    signal.signal(signal.SIGTERM, interrupted)
+    pool = ThreadPoolExecutor(args.jobs)
+    try:
         results = list(pool.map(lambda e: run_entry(e, args.bits, args, threads), args.entries))
+    except KeyboardInterrupt:
+        stop_all()
+        pool.shutdown(wait=True, cancel_futures=True)
+        sys.exit(f"interrupted: the running entries were stopped; finished ones are kept in "
+                 f"{out} (the same command runs the others)")
+    except BaseException:
+        stop_all()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     with open(out / "curves.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["entry", "epoch", "minutes", "images_seen", "accuracy"])

@@ -1,5 +1,10 @@
+import atexit
 import os
 import pickle
+import shutil
+import signal
+import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +14,33 @@ import pytest
 # configurations the tests build would take longer than the tests); tests/test_fused.py checks the
 # compiled kernels against the eager ones. BREVITAS_ANA_COMPILE=1 runs the whole suite compiled.
 os.environ.setdefault("BREVITAS_ANA_COMPILE", "0")
+
+# The compiled kernels' cache (C++ sources, shared objects; /tmp/torchinductor_<user> by default)
+# would outlive the run and grow with every torch release the suite meets: a folder of this run's
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="brevitas_ana_inductor_")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
+
+
+def run_process(cmd, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)`` that
+    stops the whole process tree on a timeout: ``accelerate launch``'s workers and the
+    benchmarks' runs live in process sessions of their own, which ``subprocess.run``'s kill of
+    the direct child leaves running. SIGTERM first (the launcher and the benchmarks pass it on
+    to theirs), SIGKILL 30 s later."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True, **kwargs) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def write_tiny_cifar(root: Path, per_batch: int = 24, test_size: int = 40, seed: int = 0) -> Path:

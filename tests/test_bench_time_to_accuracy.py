@@ -2,11 +2,14 @@
 budget is stopped, bnn_pynq's log is read as its trainer writes it, finished entries rerun not."""
 import csv
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from conftest import run_process
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench_time_to_accuracy.py"
@@ -40,7 +43,7 @@ def test_recipe_entries_curves_are_their_metrics(tiny_cifar, tmp_path, monkeypat
     cmd = [sys.executable, str(BENCH), "--out", str(out), "--bits", "w1a1", "--entries",
            "fast_ste", "long_ana", "--minutes", "0.75", "--data-dir", str(tiny_cifar),
            "--val-split", "20", "--jobs", "2"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_process(cmd, 600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "curves.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -60,6 +63,45 @@ def test_recipe_entries_curves_are_their_metrics(tiny_cifar, tmp_path, monkeypat
     assert long_ana["points"][-1][0] < 500 and long_ana["seconds"] < 0.75 * 60 + 30
     assert "best acc by 0.75 min" in (out / "results.md").read_text()
     assert (out / "time_to_accuracy.png").read_bytes()[:4] == b"\x89PNG"
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    again = run_process(cmd, 120, cwd=ROOT)
     assert again.returncode == 0 and json.loads(
         (out / "long_ana" / "curve.json").read_text()) == long_ana  # not run again
+
+
+def processes_naming(text: str):
+    """PIDs whose command line holds ``text`` (Linux's /proc)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            pass  # ended meanwhile
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads Linux's /proc")
+def test_sigterm_stops_the_entries_and_keeps_nothing_half_done(tiny_cifar, tmp_path):
+    """The entries run in process sessions of their own (for the budget's SIGTERM to reach
+    bnn_pynq's loader workers), so a stopped benchmark must stop them itself: they used to
+    train on for the whole budget after Ctrl-C."""
+    out = tmp_path / "tta"
+    bench = subprocess.Popen(
+        [sys.executable, str(BENCH), "--out", str(out), "--bits", "w1a1", "--entries",
+         "long_ana", "fast_ana", "--minutes", "10", "--data-dir", str(tiny_cifar),
+         "--val-split", "20", "--jobs", "2"], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while len(processes_naming(f"{out}/")) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    assert len(processes_naming(f"{out}/")) == 2, "the two entries never started"
+    time.sleep(3)
+    bench.send_signal(signal.SIGTERM)
+    _, err = bench.communicate(timeout=120)
+    assert bench.returncode != 0 and "interrupted" in err
+    deadline = time.time() + 60
+    while processes_naming(f"{out}/") and time.time() < deadline:
+        time.sleep(0.5)
+    assert processes_naming(f"{out}/") == []
+    assert not list(out.glob("*/curve.json"))  # nothing recorded as finished

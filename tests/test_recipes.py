@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from accelerate import Accelerator
+from conftest import run_process
 
 import brevitas_ana
 
@@ -30,8 +31,7 @@ QUICK = ["--batch-size", "16", "--num-workers", "0"]
 
 def run(args, env=None, launcher=None, check=True, timeout=600):
     cmd = (launcher or [sys.executable, str(RECIPE)]) + [str(a) for a in args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, **(env or {})))
+    proc = run_process(cmd, timeout, cwd=ROOT, env=dict(os.environ, **(env or {})))
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-5000:]}")
