@@ -90,6 +90,8 @@ def run_entry(entry: str, bits: str, args, threads: int) -> dict:
                                 stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                 start_new_session=True)
         RUNNING.add(proc)
+        if STOPPING.is_set():  # started while stop_all() went through RUNNING
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=args.minutes * 60)
         except subprocess.TimeoutExpired:
@@ -112,8 +114,8 @@ def interrupted(signum, frame):
 
 
 def stop_all():
-    """SIGTERM every running entry's process group (the recipe saves nothing half-done: a
-    finished entry's curve is kept, an interrupted one is run again next time)."""
+    """SIGTERM every running entry's process group. A finished entry's curve is kept; an
+    interrupted one records nothing and runs again from its start next time."""
     STOPPING.set()
     for proc in list(RUNNING):
         try:
