@@ -16,7 +16,8 @@ import pytest
 os.environ.setdefault("BREVITAS_ANA_COMPILE", "0")
 
 # The compiled kernels' cache (C++ sources, shared objects; /tmp/torchinductor_<user> by default)
-# would outlive the run and grow with every torch release the suite meets: a folder of this run's
+# would outlive the run and grow with every torch release the suite meets: this run's own
+# folder, removed at exit (subprocesses inherit it)
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="brevitas_ana_inductor_")
     atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
