@@ -231,7 +231,6 @@ def main(argv=None):
         results = list(pool.map(lambda e: run_entry(e, args.bits, args, threads), args.entries))
     except KeyboardInterrupt:
         stop_all()
-        pool.shutdown(wait=True, cancel_futures=True)
         sys.exit(f"interrupted: the running entries were stopped; finished ones are kept in "
                  f"{out} (the same command runs the others)")
     except BaseException:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_process
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench_accuracy.py"
@@ -21,7 +22,7 @@ def bench(out, data, *grids, check=True, jobs=1, common=""):
     cmd = [sys.executable, str(BENCH), "--out", str(out), "--common", common, "--jobs", str(jobs)]
     for g in grids:
         cmd += ["--grid", g]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_process(cmd, 600, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
     return proc
@@ -97,9 +98,9 @@ def test_a_grid_run_killed_mid_epoch_resumes_exactly(tiny_cifar, tmp_path):
     grid = "config=cnv_w2a2 quantiser=ana seed=3"
 
     def call(out, env=None):
-        return subprocess.run([sys.executable, str(BENCH), "--out", str(out), "--common", common,
-                               "--grid", grid, "--threads", "1"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=600, env=dict(os.environ, **(env or {})))
+        return run_process([sys.executable, str(BENCH), "--out", str(out), "--common", common,
+                            "--grid", grid, "--threads", "1"], 600, cwd=ROOT,
+                           env=dict(os.environ, **(env or {})))
     straight = call(tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
     killed = call(tmp_path / "killed", env={"ANA_RECIPE_KILL_AT_STEP": "10"})
