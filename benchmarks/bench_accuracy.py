@@ -152,10 +152,10 @@ def _identity(config: dict) -> dict:
     config["val_split"], config["split_seed"] = split
     ignored = ("resume", "overwrite") + (ANA_KEYS if config.get("quantiser") in ("ste", "float")
                                          else ())
-    # keys added since (controller groups and schedules, the start from weights) count only
-    # when they are set: runs finished before them stay valid
+    # keys added since (controller groups and schedules, the start from weights, the crop's
+    # padding) count only when they are set: runs finished before them stay valid
     unset = {"groups": (None,), "schedules": (None,), "init_from": (None,),
-             "calibrate": (None, 0), "norm_correction": (None, False)}
+             "calibrate": (None, 0), "norm_correction": (None, False), "crop_pad": (None, 4)}
     return {k: v for k, v in config.items() if k not in ignored
             and not (k in unset and v in unset[k])}
 

@@ -154,6 +154,8 @@ class DataSection:
         loader: resident (images on the training device, batched crop and flip) or workers
             (a torch DataLoader with per-image transforms)
         num_workers: data-loader worker processes (workers loader; evaluation)
+        crop_pad: random crop of the training images: zero padding in pixels on each side
+            before cropping back to 32 x 32 (0: no crop, flips only); at most 16
     """
     data_dir: str = "./data"
     download: bool = True
@@ -162,6 +164,7 @@ class DataSection:
     subset: Optional[PositiveInt] = None
     loader: Literal["resident", "workers"] = "resident"
     num_workers: NonNegativeInt = 2
+    crop_pad: NonNegativeInt = 4
 
 
 @dataclass
@@ -290,6 +293,8 @@ def validate(cfg: RecipeConfig, whole: bool = True) -> RecipeConfig:
     if not 0.0 <= cfg.optim.label_smoothing < 1.0:
         raise ConfigError(f"optim.label_smoothing: must be in [0, 1), got "
                           f"{cfg.optim.label_smoothing!r}")
+    if cfg.data.crop_pad > 16:
+        raise ConfigError(f"data.crop_pad: must be in [0, 16] (pixels), got {cfg.data.crop_pad!r}")
     if not 0.0 < cfg.ana.anneal_end <= 1.0:
         raise ConfigError(f"ana.anneal_end: must be in (0, 1] (a fraction of the run), got "
                           f"{cfg.ana.anneal_end!r}")

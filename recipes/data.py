@@ -101,25 +101,25 @@ def seed_augmentation(dataset, seed: int, epoch: int):
 PAD = 4  # random crop: pad 4 pixels (zeros, as torchvision's RandomCrop), crop back to 32
 
 
-def epoch_draws(n: int, seed: int, epoch: int):
+def epoch_draws(n: int, seed: int, epoch: int, pad: int = PAD):
     """The random choices of one epoch over ``n`` training images, from (seed, epoch) alone:
     the order (a permutation) and, for the image at each position of it, the crop offsets
-    ``dy, dx`` in ``[0, 2 * PAD]`` and whether it is flipped. Drawn on the CPU, so they are the
+    ``dy, dx`` in ``[0, 2 * pad]`` and whether it is flipped. Drawn on the CPU, so they are the
     same on every device, process count and torch build; a resumed run redraws them exactly."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2 ** 63))
     order = torch.randperm(n, generator=g)
-    offsets = torch.randint(0, 2 * PAD + 1, (2, n), generator=g)
+    offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=g)
     flips = torch.randint(0, 2, (n,), generator=g).bool()
     return order, offsets[0], offsets[1], flips
 
 
 def crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
-              flip: torch.Tensor) -> torch.Tensor:
+              flip: torch.Tensor, pad: int = PAD) -> torch.Tensor:
     """Batched random crop and horizontal flip of uint8 NCHW images: image ``b`` of the result is
-    ``pad(images[b], PAD)[:, dy_b : dy_b + H, dx_b : dx_b + W]``, mirrored left-right where
+    ``zero_pad(images[b], pad)[:, dy_b : dy_b + H, dx_b : dx_b + W]``, mirrored left-right where
     ``flip_b``; one gather, on the images' device."""
     b, c, h, w = images.shape
-    padded = torch.nn.functional.pad(images, (PAD, PAD, PAD, PAD))
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
     rows = dy[:, None] + torch.arange(h, device=images.device)  # B x H
     cols = torch.arange(w, device=images.device).expand(b, w)
     cols = torch.where(flip[:, None], cols.flip(1), cols) + dx[:, None]  # B x W
@@ -135,17 +135,18 @@ class ResidentLoader:
     ``e`` (set with :meth:`set_epoch`) visits the permutation of :func:`epoch_draws`; process
     ``rank`` of ``world`` takes every ``world``-th position of it, so the shards are disjoint and
     every process takes the same number of steps (``len(self)``; the last incomplete round of
-    batches is dropped). Each batch is cropped and flipped (:func:`crop_flip`) and scaled to
-    float [0, 1], all on the device."""
+    batches is dropped). Each batch is cropped (zero padding ``pad``) and flipped
+    (:func:`crop_flip`) and scaled to float [0, 1], all on the device."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
-                 device=None, rank: int = 0, world: int = 1, augment: bool = True):
+                 device=None, rank: int = 0, world: int = 1, augment: bool = True,
+                 pad: int = PAD):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images = images.to(device, torch.uint8)
         self.labels = labels.to(device, torch.long)
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
-        self.augment, self.epoch = augment, 0
+        self.augment, self.epoch, self.pad = augment, 0, pad
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
@@ -154,7 +155,7 @@ class ResidentLoader:
         return len(self.labels) // (self.batch_size * self.world)
 
     def __iter__(self):
-        order, dy, dx, flip = epoch_draws(len(self.labels), self.seed, self.epoch)
+        order, dy, dx, flip = epoch_draws(len(self.labels), self.seed, self.epoch, self.pad)
         mine = torch.arange(self.rank, len(self) * self.batch_size * self.world, self.world)
         device = self.images.device
         order, dy, dx, flip = (t[mine].to(device) for t in (order, dy, dx, flip))
@@ -163,7 +164,7 @@ class ResidentLoader:
             index = order[part]
             images = self.images[index]
             if self.augment:
-                images = crop_flip(images, dy[part], dx[part], flip[part])
+                images = crop_flip(images, dy[part], dx[part], flip[part], self.pad)
             # torchvision's own scaling, bit for bit what the evaluation images get
             yield v2.functional.to_dtype(images, torch.float32, scale=True), self.labels[index]
 
@@ -180,21 +181,24 @@ def resident_tensors(dataset):
     return dataset.images[index], dataset.labels[index]
 
 
-def transforms(train: bool):
-    """Float [0, 1] images; training adds random crop (padding 4) and horizontal flip."""
+def transforms(train: bool, pad: int = PAD):
+    """Float [0, 1] images; training adds random crop (zero padding ``pad``) and horizontal
+    flip."""
     to_float = v2.ToDtype(torch.float32, scale=True)
     if train:
-        return v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(), to_float])
+        return v2.Compose([v2.RandomCrop(32, padding=pad), v2.RandomHorizontalFlip(), to_float])
     return to_float
 
 
-def datasets(data_dir, download: bool, val_split: int = 0, subset=None, seed: int = 0):
+def datasets(data_dir, download: bool, val_split: int = 0, subset=None, seed: int = 0,
+             pad: int = PAD):
     """(train, eval, test) datasets. ``val_split`` images held out of the training set (a fixed
     permutation from ``seed``) form the eval set; without one, eval is the test set.
     ``subset`` keeps the first N training images, for quick runs (evaluation and test sets stay
-    whole, so figures of quick runs compare with full ones)."""
+    whole, so figures of quick runs compare with full ones). ``pad``: the training images'
+    random crop (the workers loader's transforms)."""
     folder = ensure_cifar10(data_dir, download)
-    train = CifarBatches(folder, True, transforms(True))
+    train = CifarBatches(folder, True, transforms(True, pad))
     train_plain = CifarBatches(folder, True, transforms(False))
     test = CifarBatches(folder, False, transforms(False))
     if not 0 <= val_split < len(train):

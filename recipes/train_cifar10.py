@@ -401,7 +401,7 @@ def load_data(cfg, accelerator) -> SimpleNamespace:
         try:
             train_set, eval_set, test_set = datasets(cfg.data.data_dir, cfg.data.download,
                                                      cfg.data.val_split, cfg.data.subset,
-                                                     cfg.data.split_seed)
+                                                     cfg.data.split_seed, cfg.data.crop_pad)
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
     # workers start afresh each epoch: they copy the dataset with that epoch's augmentation seed
@@ -412,7 +412,7 @@ def load_data(cfg, accelerator) -> SimpleNamespace:
         train_dl = ResidentLoader(*resident_tensors(train_set), cfg.optim.batch_size,
                                   cfg.run.seed, device=accelerator.device,
                                   rank=accelerator.process_index,
-                                  world=accelerator.num_processes)
+                                  world=accelerator.num_processes, pad=cfg.data.crop_pad)
     else:
         train_dl = DataLoader(train_set, shuffle=True, drop_last=True, **loader)
     if len(train_dl) == 0:

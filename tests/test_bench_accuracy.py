@@ -138,3 +138,18 @@ def test_a_run_from_before_split_seed_counts_only_where_it_held_out_the_same_ima
         assert bench_accuracy.same_config(old, new) is valid, argv
     old, new = configs("--seed", "1", "--val-split", "20", "--split-seed", "1")
     assert bench_accuracy.same_config(old, new)  # split seed 1 is what run.seed 1 gave
+
+
+def test_a_run_from_before_crop_pad_stays_valid_only_at_the_default_padding():
+    """Runs finished before ``data.crop_pad`` cropped with padding 4: they count for the default
+    and not for another padding."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_accuracy
+    from brevitas_ana.recipes.config import parse_args, to_dict
+
+    for pad, valid in [("4", True), ("2", False)]:
+        new = to_dict(parse_args(["--crop-pad", pad]))
+        old = json.loads(json.dumps(new))
+        del old["data"]["crop_pad"]
+        assert bench_accuracy.same_config(old, new) is valid, pad
+        assert bench_accuracy.same_config(new, new)

@@ -8,22 +8,38 @@ from brevitas_ana.recipes.data import (PAD, ResidentLoader, crop_flip, datasets,
                                        resident_tensors)
 
 
-def test_crop_flip_is_torchvisions_pad_crop_flip_per_image():
+@pytest.mark.parametrize("pad", [PAD, 2, 1])
+def test_crop_flip_is_torchvisions_pad_crop_flip_per_image(pad):
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (64, 3, 32, 32), generator=g, dtype=torch.uint8)
-    dy, dx = torch.randint(0, 2 * PAD + 1, (2, 64), generator=g)
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, 64), generator=g)
     flip = torch.rand(64, generator=g) < 0.5
-    out = crop_flip(images, dy, dx, flip)
+    out = crop_flip(images, dy, dx, flip, pad)
     assert out.dtype == torch.uint8 and out.shape == images.shape
     for b in range(64):
-        expected = TF.crop(TF.pad(images[b], [PAD]), int(dy[b]), int(dx[b]), 32, 32)
+        expected = TF.crop(TF.pad(images[b], [pad]), int(dy[b]), int(dx[b]), 32, 32)
         if flip[b]:
             expected = TF.horizontal_flip(expected)
         assert torch.equal(out[b], expected), b
     # the extreme offsets reach the zero padding
-    corner = crop_flip(images[:1], torch.tensor([0]), torch.tensor([0]), torch.tensor([False]))
-    assert corner[0, :, :PAD, :].eq(0).all() and torch.equal(corner[0, :, PAD:, PAD:],
-                                                               images[0, :, :-PAD, :-PAD])
+    corner = crop_flip(images[:1], torch.tensor([0]), torch.tensor([0]), torch.tensor([False]),
+                       pad)
+    assert corner[0, :, :pad, :].eq(0).all() and torch.equal(corner[0, :, pad:, pad:],
+                                                               images[0, :, :-pad, :-pad])
+
+
+def test_no_padding_only_flips():
+    """``pad=0`` (``data.crop_pad: 0``): every image whole, mirrored where its flip says."""
+    n = 40
+    images = torch.randint(0, 256, (n, 3, 32, 32), generator=torch.Generator().manual_seed(1),
+                           dtype=torch.uint8)
+    loader = ResidentLoader(images, torch.arange(n), 8, seed=2, pad=0)
+    order, dy, dx, flip = epoch_draws(n, 2, 0, pad=0)
+    assert dy.eq(0).all() and dx.eq(0).all()
+    got = torch.cat([x for x, _ in loader])
+    for i, j in enumerate(order.tolist()):
+        expected = TF.horizontal_flip(images[j]) if flip[i] else images[j]
+        assert torch.equal(got[i], TF.to_dtype(expected, torch.float32, scale=True)), i
 
 
 def test_epoch_draws_depend_on_seed_and_epoch_only():
@@ -32,6 +48,9 @@ def test_epoch_draws_depend_on_seed_and_epoch_only():
     order, dy, dx, flip = a
     assert sorted(order.tolist()) == list(range(1000))
     assert 0 <= dy.min() and dy.max() == 2 * PAD and 0 <= dx.min() and dx.max() == 2 * PAD
+    # another padding draws other offsets from the same stream: the order and flips stay
+    order2, dy2, dx2, flip2 = epoch_draws(1000, 3, 7, pad=2)
+    assert torch.equal(order2, order) and dy2.max() == dx2.max() == 4 and dy2.min() == 0
     assert 400 < int(flip.sum()) < 600
     assert not torch.equal(epoch_draws(1000, 3, 8)[0], order)
     assert not torch.equal(epoch_draws(1000, 4, 7)[0], order)

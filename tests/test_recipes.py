@@ -168,6 +168,8 @@ def test_vgg8_paper_setting():
     (["--ana.sigma", "-2"], r"^--ana.sigma: must be >= 0 .*got -2"),
     (["--mu", "inf"], r"^--mu: must be a number, got inf"),
     (["--model", "vgg9"], r"^--model: must be one of \['cnv', 'resnet18', 'vgg8'\]"),
+    (["--crop-pad", "17"], r"^--crop-pad: must be in \[0, 16\] \(pixels\), got 17"),
+    (["--data.crop_pad", "-1"], r"^--data.crop_pad: must be an integer >= 0, got -1"),
 ])
 def test_bad_values_name_the_field(argv, match):
     with pytest.raises(ConfigError, match=match):
@@ -923,3 +925,33 @@ def test_init_from_a_quantised_run_loads_its_trained_scales(tmp_path):
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(x), trained(x))
+
+
+def test_crop_pad_reaches_both_loaders(tiny_cifar, tmp_path):
+    """``--crop-pad 2``: the resident loader's first batch is the epoch's draws at padding 2,
+    cropped as torchvision would; the workers loader's transform pads by 2."""
+    from torchvision.transforms import v2
+    from torchvision.transforms.v2 import functional as TF
+
+    from brevitas_ana.recipes.data import datasets, epoch_draws, resident_tensors
+    from brevitas_ana.recipes.train_cifar10 import load_data, make_accelerator
+
+    def data(*extra):
+        cfg = parse_args([str(a) for a in ["--data-dir", tiny_cifar, "--output-dir",
+                                           tmp_path / "x", "--crop-pad", "2"] + QUICK
+                          + list(extra)])
+        return cfg, load_data(cfg, make_accelerator(cfg, tmp_path / "x")[0])
+
+    cfg, resident = data()
+    resident.train_dl.set_epoch(0)
+    x, _ = next(iter(resident.train_dl))
+    images, _ = resident_tensors(datasets(tiny_cifar, False)[0])
+    order, dy, dx, flip = epoch_draws(len(images), cfg.run.seed, 0, pad=2)
+    for b in range(len(x)):
+        want = TF.crop(TF.pad(images[order[b]], [2]), int(dy[b]), int(dx[b]), 32, 32)
+        want = TF.horizontal_flip(want) if flip[b] else want
+        assert torch.equal(x[b], TF.to_dtype(want, torch.float32, scale=True)), b
+    _, workers = data("--loader", "workers", "--num-workers", "0")
+    crops = [t for t in workers.train_dl.dataset.transform.transforms
+             if isinstance(t, v2.RandomCrop)]
+    assert [c.padding for c in crops] == [[2, 2, 2, 2]]
