@@ -29,6 +29,7 @@ from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 
 import brevitas_ana
 from brevitas_ana.options import DEFAULT_ANNEAL_END, DEFAULT_PRESET
+from brevitas_ana.recipes.data import PAD
 from brevitas_ana.recipes.models import list_models
 
 
@@ -164,7 +165,7 @@ class DataSection:
     subset: Optional[PositiveInt] = None
     loader: Literal["resident", "workers"] = "resident"
     num_workers: NonNegativeInt = 2
-    crop_pad: NonNegativeInt = 4
+    crop_pad: NonNegativeInt = PAD
 
 
 @dataclass
