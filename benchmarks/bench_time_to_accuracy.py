@@ -38,6 +38,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -200,7 +201,8 @@ def plot(results, path: Path, title: str):
     for ax in (left, right):
         ax.grid(alpha=0.3)
     left.legend()
-    fig.suptitle(title, fontsize="small")
+    # the report's first line is longer than the figure is wide
+    fig.suptitle(textwrap.fill(title, 150), fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
